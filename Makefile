@@ -1,0 +1,56 @@
+# Blixard: `make run` starts the suite, `make test` runs every test. Both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+STUBS := gen/.stamp
+
+.PHONY: help venv protos run test test-fast lint fmt bench clean
+
+help:
+	@echo "make run     start jobs, queue and VM services and a worker on SQLite under ./var/"
+	@echo "make test    run the whole test suite"
+	@echo "make lint    ruff, mypy and buf lint"
+	@echo "make protos  generate the gRPC stubs into gen/"
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'blixard-dev.pth').write_text('$(CURDIR)\n$(CURDIR)/gen\n')"
+	@touch $@
+
+venv: $(INSTALLED)
+
+$(STUBS): $(INSTALLED) $(PROTOS)
+	rm -rf gen && mkdir -p gen
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen \
+		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	find gen/blixard -type d -exec touch {}/__init__.py \;
+	@touch $@
+
+protos: $(STUBS)
+
+run: $(STUBS)
+	$(PY) -m tools.run_suite
+
+test: $(STUBS)
+	$(PY) -m pytest
+
+test-fast: $(STUBS)
+	$(PY) -m pytest tests/unit tests/grpc
+
+lint: $(STUBS)
+	$(BIN)/ruff check services tools tests bench
+	$(BIN)/ruff format --check services tools tests bench
+	$(BIN)/mypy
+	cd protos && ../$(BIN)/buf lint
+
+fmt: $(INSTALLED)
+	$(BIN)/ruff format services tools tests bench
+	$(BIN)/ruff check --fix services tools tests bench
+
+clean:
+	rm -rf gen .venv var .pytest_cache .mypy_cache .ruff_cache
