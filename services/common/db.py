@@ -1,0 +1,98 @@
+"""Database engines: SQLite (WAL) by default, PostgreSQL by URL. One place for both."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase
+
+from services.common.startup import StartupError
+
+
+def redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def make_engine(url: str, *, setting: str) -> Engine:
+    """An engine for ``url``; a URL that cannot be opened is a StartupError naming ``setting``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StartupError(
+            f"{setting}={redact(url)!r} is not a database URL "
+            f"(sqlite:///path or postgresql://user:pass@host/db)"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite(url, parsed.database, setting)
+    if backend == "postgresql":
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        try:
+            engine = create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        except (ArgumentError, ImportError) as exc:
+            raise StartupError(f"{setting}={redact(url)!r}: {exc}") from None
+        _check(engine, url, setting)
+        return engine
+    raise StartupError(
+        f"{setting}={redact(url)!r}: unsupported database {backend!r} (use sqlite or postgresql)"
+    )
+
+
+def _sqlite(url: str, database: str | None, setting: str) -> Engine:
+    if database and database != ":memory:":
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"{setting}={url!r}: cannot create the directory for the database ({exc.strerror})"
+            ) from None
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy drive transactions, and take the write lock at BEGIN so two writers
+        # never deadlock upgrading a read lock.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    _check(engine, url, setting)
+    return engine
+
+
+def _check(engine: Engine, url: str, setting: str) -> None:
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        cause = (
+            str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            if str(getattr(exc, "orig", exc)).strip()
+            else type(exc).__name__
+        )
+        raise StartupError(
+            f"{setting}={redact(url)!r}: cannot open the database: {cause}"
+        ) from None
+
+
+def create_schema(engine: Engine, base: type[DeclarativeBase], setting: str) -> None:
+    try:
+        base.metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise StartupError(
+            f"{setting}: cannot create the schema: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+        ) from None

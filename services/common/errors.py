@@ -1,0 +1,294 @@
+"""Domain errors, and their one mapping to gRPC status codes with google.rpc details.
+
+Every service raises these; the interceptor turns them into a ``google.rpc.Status`` with
+one ``ErrorInfo`` (UPPER_SNAKE reason) and the detail the table in HOUSE_STYLE.md names.
+An unexpected exception becomes INTERNAL with a generic message: the traceback goes to the
+log and the span, never to the client. ``describe`` decodes all of it on the client side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry import trace
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "blixard.dev"
+
+
+class BlixardError(Exception):
+    """The root of every domain error. Subclasses give the code and a default message."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    default_reason: ClassVar[str] = "INTERNAL"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        super().__init__(self.message)
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        ]
+
+
+class InvalidArgument(BlixardError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+    default_message = "the request is not valid"
+
+    def __init__(
+        self, message: str | None = None, *, violations: Sequence[tuple[str, str]] = (), **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.violations = list(violations)
+
+    def details(self) -> list[Message]:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in self.violations
+            ]
+        )
+        return [*super().details(), bad]
+
+
+class NotFound(BlixardError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+    default_message = "not found"
+
+    def __init__(
+        self, resource_type: str, resource_name: str, message: str | None = None, **kw: Any
+    ) -> None:
+        super().__init__(message or f"{resource_type} {resource_name!r} not found", **kw)
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+    def details(self) -> list[Message]:
+        info = error_details_pb2.ResourceInfo(
+            resource_type=self.resource_type, resource_name=self.resource_name
+        )
+        return [*super().details(), info]
+
+
+class AlreadyExists(BlixardError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+    default_message = "already exists"
+
+
+class FailedPrecondition(BlixardError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+    default_message = "the operation is not allowed in the current state"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        subject: str = "",
+        violation_type: str = "STATE",
+        **kw: Any,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.subject = subject
+        self.violation_type = violation_type
+
+    def details(self) -> list[Message]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=self.violation_type, subject=self.subject, description=self.message
+                )
+            ]
+        )
+        return [*super().details(), failure]
+
+
+class Aborted(BlixardError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "CONFLICT"
+    default_message = "a concurrent change won; try again"
+
+
+class _Retryable(BlixardError):
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+    def details(self) -> list[Message]:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(self.retry_after * 1e9))
+        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class ResourceExhausted(_Retryable):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+    default_message = "a limit was reached"
+
+
+class Unavailable(_Retryable):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+    default_message = "unavailable; try again later"
+
+
+class Unauthenticated(BlixardError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+    default_message = "a valid bearer token is required (authorization: Bearer <token>)"
+
+
+class PermissionDenied(BlixardError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+    default_message = "this token's role may not call this method"
+
+
+def to_status(error: BlixardError) -> grpc.Status:
+    packed = []
+    for detail in error.details():
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    return rpc_status.to_status(status)
+
+
+INTERNAL_STATUS = to_status(BlixardError())
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Abort the call with the status for ``exc`` (never returns)."""
+    if isinstance(exc, BlixardError):
+        context.abort_with_status(to_status(exc))
+    log.error("unexpected error in a handler", exc_info=exc)
+    span = trace.get_current_span()
+    span.record_exception(exc)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, "internal error"))
+    context.abort_with_status(INTERNAL_STATUS)
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code != grpc.StatusCode.OK
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns exceptions raised by handlers into statuses with details."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        return handler
+
+
+def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(request, context)
+        except Exception as exc:
+            if _already_aborted(context):
+                raise
+            abort(context, exc)
+
+    return wrapped
+
+
+def _wrap_stream(
+    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+) -> Callable[..., Iterator[Any]]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:
+            if _already_aborted(context):
+                raise
+            abort(context, exc)
+
+    return wrapped
+
+
+# ---- client side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RpcFailure:
+    """A failed call, decoded: status code, message, ErrorInfo reason and the details."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    field_violations: list[tuple[str, str]] = field(default_factory=list)
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def describe(error: grpc.RpcError) -> RpcFailure:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = error.details() if hasattr(error, "details") else str(error)
+    failure = RpcFailure(code=code, message=message or "")
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        status = None
+    if status is None:
+        return failure
+    reason, metadata, violations, retry_after = "", {}, [], None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return RpcFailure(
+        code=code,
+        message=status.message,
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_after=retry_after,
+    )

@@ -1,0 +1,131 @@
+"""Checks of the shared ``blixard.common.v1.JobSpec``: one set of bounds for every service
+that accepts a spec (jobs on submit, queue on enqueue)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from blixard.common.v1 import job_spec_pb2
+
+from services.common.validation import Problems
+
+MAX_ARGS = 1024
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ENV_ENTRIES = 256
+MAX_ENV_BYTES = 64 * 1024
+MAX_LABELS = 32
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_WORKER_TYPES = 16
+MAX_ATTEMPTS = 100
+MAX_PRIORITY = 1000
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_VCPUS = 64
+MAX_MEMORY_MB = 256 * 1024
+MAX_PATH = 4096
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$")
+_WORKER_TYPE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def check_labels(labels: Mapping[str, str], field: str, problems: Problems) -> None:
+    items = dict(labels)
+    problems.check(len(items) <= MAX_LABELS, field, f"at most {MAX_LABELS} labels")
+    for key, value in items.items():
+        problems.check(
+            bool(_LABEL_KEY.match(key)) and len(key) <= MAX_LABEL_KEY,
+            f"{field}[{key}]",
+            f"label keys are lowercase letters, digits and ._/- (at most "
+            f"{MAX_LABEL_KEY} characters)",
+        )
+        problems.check(
+            len(value) <= MAX_LABEL_VALUE,
+            f"{field}[{key}]",
+            f"label values are at most {MAX_LABEL_VALUE} characters",
+        )
+
+
+def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> None:
+    command = list(spec.command)
+    if not command:
+        problems.add(f"{field}.command", "required: the program and its arguments (argv)")
+    elif not command[0]:
+        problems.add(f"{field}.command[0]", "the program must not be empty")
+    problems.check(len(command) <= MAX_ARGS, f"{field}.command", f"at most {MAX_ARGS} arguments")
+    problems.check(
+        sum(len(a.encode()) for a in command) <= MAX_COMMAND_BYTES,
+        f"{field}.command",
+        f"at most {MAX_COMMAND_BYTES} bytes in all",
+    )
+    if any("\x00" in a for a in command):
+        problems.add(f"{field}.command", "arguments must not contain NUL characters")
+
+    env = dict(spec.env)
+    problems.check(
+        len(env) <= MAX_ENV_ENTRIES, f"{field}.env", f"at most {MAX_ENV_ENTRIES} variables"
+    )
+    problems.check(
+        sum(len(k) + len(v) for k, v in env.items()) <= MAX_ENV_BYTES,
+        f"{field}.env",
+        f"at most {MAX_ENV_BYTES} bytes in all",
+    )
+    for name, value in env.items():
+        problems.check(
+            bool(_ENV_NAME.match(name)),
+            f"{field}.env[{name}]",
+            "names are letters, digits and _, not starting with a digit",
+        )
+        problems.check(
+            "\x00" not in value, f"{field}.env[{name}]", "values must not contain NUL characters"
+        )
+
+    problems.check(
+        len(spec.working_directory) <= MAX_PATH and "\x00" not in spec.working_directory,
+        f"{field}.working_directory",
+        f"at most {MAX_PATH} characters, no NUL",
+    )
+    problems.check(
+        -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY,
+        f"{field}.priority",
+        f"between {-MAX_PRIORITY} and {MAX_PRIORITY}",
+    )
+    problems.check(
+        spec.max_attempts <= MAX_ATTEMPTS,
+        f"{field}.max_attempts",
+        f"at most {MAX_ATTEMPTS} (0 = the default)",
+    )
+    problems.check(
+        len(spec.payload) <= MAX_PAYLOAD_BYTES,
+        f"{field}.payload",
+        f"at most {MAX_PAYLOAD_BYTES} bytes",
+    )
+    check_labels(spec.labels, f"{field}.labels", problems)
+
+    req = spec.requirements
+    rfield = f"{field}.requirements"
+    problems.check(
+        len(req.worker_types) <= MAX_WORKER_TYPES,
+        f"{rfield}.worker_types",
+        f"at most {MAX_WORKER_TYPES}",
+    )
+    for i, worker_type in enumerate(req.worker_types):
+        problems.check(
+            bool(_WORKER_TYPE.match(worker_type)),
+            f"{rfield}.worker_types[{i}]",
+            "lowercase letters, digits and -, starting with a letter",
+        )
+    problems.check(req.vcpus <= MAX_VCPUS, f"{rfield}.vcpus", f"at most {MAX_VCPUS}")
+    problems.check(
+        req.memory_mb <= MAX_MEMORY_MB, f"{rfield}.memory_mb", f"at most {MAX_MEMORY_MB}"
+    )
+    if req.HasField("timeout"):
+        seconds = req.timeout.seconds + req.timeout.nanos / 1e9
+        problems.check(
+            0 < seconds <= MAX_TIMEOUT_SECONDS,
+            f"{rfield}.timeout",
+            f"positive and at most {MAX_TIMEOUT_SECONDS} seconds",
+        )
+    check_labels(req.labels, f"{rfield}.labels", problems)

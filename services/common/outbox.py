@@ -1,0 +1,191 @@
+"""The transactional outbox: a message is written in the same transaction as the change it
+reports, and a relay delivers it in order, with retries and backoff, never dropping it.
+Receivers are idempotent, so a redelivery after a crash is harmless."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    delete,
+    func,
+    select,
+)
+from sqlalchemy import update as sql_update
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from services.common import telemetry
+from services.common.backoff import backoff
+from services.common.clock import Clock
+from services.common.feed import ChangeFeed
+
+log = logging.getLogger(__name__)
+
+
+class OutboxMixin:
+    """Columns of an outbox table; each service declares its own table with it."""
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    topic: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    topic: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+class Transient(Exception):
+    """The receiver could not be reached; the message waits and is tried again."""
+
+
+class SqlOutbox:
+    def __init__(self, engine: Engine, row: type[OutboxMixin]) -> None:
+        self._row: Any = row
+        self._sessions = sessionmaker(engine)
+
+    def add(
+        self, session: Session, topic: str, key: str, payload: dict[str, Any], now: datetime
+    ) -> None:
+        session.add(
+            self._row(
+                topic=topic,
+                key=key,
+                payload=json.dumps(payload),
+                created_at=now,
+                next_attempt_at=now,
+                attempts=0,
+                last_error="",
+            )
+        )
+
+    def due(self, now: datetime, limit: int) -> list[Message]:
+        row = self._row
+        query = select(row).where(row.next_attempt_at <= now).order_by(row.id).limit(limit)
+        with self._sessions() as session:
+            return [
+                Message(r.id, r.topic, r.key, json.loads(r.payload), r.attempts)
+                for r in session.scalars(query)
+            ]
+
+    def delivered(self, message_id: int) -> None:
+        with self._sessions.begin() as session:
+            session.execute(delete(self._row).where(self._row.id == message_id))
+
+    def postpone(self, message_id: int, until: datetime, error: str) -> None:
+        row = self._row
+        with self._sessions.begin() as session:
+            session.execute(
+                sql_update(row)
+                .where(row.id == message_id)
+                .values(next_attempt_at=until, attempts=row.attempts + 1, last_error=error[:2000])
+            )
+
+    def pending(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(self._row)) or 0
+
+
+class Relay:
+    """Delivers due messages in id order. A message that fails holds back the rest of the
+    batch (order is kept) and waits with exponential backoff; nothing is dropped."""
+
+    def __init__(
+        self,
+        name: str,
+        outbox: SqlOutbox,
+        deliver: Callable[[Message], None],
+        clock: Clock,
+        feed: ChangeFeed,
+        *,
+        batch: int = 100,
+        idle_seconds: float = 1.0,
+    ) -> None:
+        self.name = name
+        self.outbox = outbox
+        self.deliver = deliver
+        self.clock = clock
+        self.feed = feed
+        self.batch = batch
+        self.idle_seconds = idle_seconds
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tracer = telemetry.tracer(__name__)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.feed.changed()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        seen = self.feed.version
+        while not self._stopping.is_set():
+            try:
+                more = self.run_once()
+            except Exception:
+                log.exception("%s failed; retrying", self.name)
+                more = False
+            if not more and not self._stopping.is_set():
+                seen = self.feed.wait(seen, self.idle_seconds)
+
+    def run_once(self) -> bool:
+        """Deliver what is due; True when more may be waiting."""
+        messages = self.outbox.due(self.clock.now(), self.batch)
+        for message in messages:
+            if self._stopping.is_set() or not self._send(message):
+                return False
+        return len(messages) == self.batch
+
+    def _send(self, message: Message) -> bool:
+        try:
+            self.deliver(message)
+        except Transient as exc:
+            self._postpone(message, str(exc), logging.INFO)
+            return False
+        except Exception as exc:
+            self._postpone(message, repr(exc), logging.ERROR)
+            return False
+        self.outbox.delivered(message.id)
+        return True
+
+    def _postpone(self, message: Message, error: str, level: int) -> None:
+        delay = backoff(message.attempts)
+        log.log(
+            level,
+            "%s: message %d (%s %s) not delivered, retry in %.1fs: %s",
+            self.name,
+            message.id,
+            message.topic,
+            message.key,
+            delay,
+            error,
+        )
+        self.outbox.postpone(message.id, self.clock.now() + timedelta(seconds=delay), error)
