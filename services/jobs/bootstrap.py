@@ -1,0 +1,44 @@
+"""The one place that wires the jobs service: engine -> store -> manager -> servicer."""
+
+from __future__ import annotations
+
+from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+
+from services.common import client, db, server
+from services.common.clock import SYSTEM_CLOCK, Clock
+from services.common.outbox import Relay
+from services.jobs.config import JobsConfig
+from services.jobs.manager import JobManager
+from services.jobs.models import Base
+from services.jobs.queue_client import GrpcQueue
+from services.jobs.relay import QueueDelivery, QueuePort
+from services.jobs.servicer import POLICY, SERVICE_NAME, JobServicer
+from services.jobs.store import JobStore
+
+
+def build(
+    config: JobsConfig, *, clock: Clock = SYSTEM_CLOCK, queue: QueuePort | None = None
+) -> server.Running:
+    engine = db.make_engine(config.database_url, setting="JOBS_DATABASE_URL")
+    db.create_schema(engine, Base, "JOBS_DATABASE_URL")
+    store = JobStore(engine)
+    manager = JobManager(store, clock)
+    if queue is None:
+        channel = client.open_channel(config.queue_address, config.shared.tokens.admin)
+        queue = GrpcQueue(channel)
+    relay = Relay(
+        "jobs-outbox-relay", store.outbox, QueueDelivery(store, queue), clock, manager.feed
+    )
+    servicer = JobServicer(manager)
+    running = server.create_server(
+        config.server.address,
+        register=lambda s: pb_grpc.add_JobServiceServicer_to_server(servicer, s),
+        service_names=[SERVICE_NAME],
+        tokens=config.shared.tokens,
+        policy=POLICY,
+        setting="JOBS_GRPC_PORT",
+    )
+    relay.start()
+    running.on_stop.append(relay.stop)
+    running.on_stop.append(engine.dispose)
+    return running

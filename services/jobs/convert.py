@@ -1,0 +1,93 @@
+"""The only module of the jobs service that knows both protobuf messages and domain types."""
+
+from __future__ import annotations
+
+from blixard.common.v1 import job_spec_pb2
+from blixard.jobs.v1 import jobs_service_pb2 as pb
+from google.protobuf import json_format
+
+from services.common import pbtime, telemetry
+from services.common.errors import InvalidArgument
+from services.jobs.domain import Job, JobEvent, JobState, StatusUpdate
+
+_STATE_TO_PB = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
+_STATE_FROM_PB = {value: state for state, value in _STATE_TO_PB.items()}
+
+
+def spec_json(spec: job_spec_pb2.JobSpec) -> str:
+    """The canonical form a spec is stored and compared in."""
+    return json_format.MessageToJson(
+        spec, sort_keys=True, indent=None, preserving_proto_field_name=True
+    )
+
+
+def spec_message(text: str) -> job_spec_pb2.JobSpec:
+    return json_format.Parse(text, job_spec_pb2.JobSpec())
+
+
+def state_to_pb(state: JobState) -> pb.JobState.ValueType:
+    return _STATE_TO_PB[state]
+
+
+def state_from_pb(value: int, field: str = "state") -> JobState:
+    try:
+        return _STATE_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(
+            f"{field}: {value} is not a job state",
+            violations=[(field, f"{value} is not a job state")],
+        ) from None
+
+
+def job_message(job: Job) -> pb.Job:
+    message = pb.Job(
+        job_id=job.job_id,
+        state=state_to_pb(job.state),
+        spec=spec_message(job.spec_json),
+        request_id=job.request_id or "",
+        generation=job.generation,
+        attempts=job.attempts,
+        output_tail=job.output_tail,
+        error=job.error,
+        worker_id=job.worker_id,
+        create_time=pbtime.timestamp(job.created_at),
+        update_time=pbtime.timestamp(job.updated_at),
+        start_time=pbtime.timestamp(job.started_at),
+        end_time=pbtime.timestamp(job.ended_at),
+        trace_id=telemetry.trace_id_of(job.trace_context),
+    )
+    if job.exit_code is not None:
+        message.exit_code = job.exit_code
+    return message
+
+
+def event_message(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        job_id=event.job_id,
+        generation=event.generation,
+        state=state_to_pb(event.state),
+        event_time=pbtime.timestamp(event.at),
+        actor=event.actor,
+        reason=event.reason,
+    )
+
+
+def status_update(request: pb.UpdateJobStatusRequest, fallback_time: object) -> StatusUpdate:
+    at = (
+        pbtime.from_timestamp(request.event_time)
+        if request.HasField("event_time")
+        else fallback_time
+    )
+    return StatusUpdate(
+        job_id=request.job_id,
+        generation=request.generation,
+        sequence=request.sequence,
+        state=state_from_pb(request.state),
+        at=at,  # type: ignore[arg-type]
+        attempt=request.attempt,
+        worker_id=request.worker_id,
+        exit_code=request.exit_code if request.HasField("exit_code") else None,
+        output_tail=request.output_tail,
+        error=request.error,
+        reason=request.reason,
+    )

@@ -1,0 +1,199 @@
+"""Jobs: their states, the one table of legal transitions, and the use-case rules."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from services.common.errors import FailedPrecondition
+
+
+class JobState(enum.Enum):
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+# The only place that says which state may follow which.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset(
+        {JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.QUEUED: frozenset(
+        {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    # RUNNING -> QUEUED: the attempt failed or its lease expired, and it waits for a retry.
+    JobState.RUNNING: frozenset(
+        {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    # RetryJob starts a new generation.
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.CANCELLED: frozenset({JobState.PENDING}),
+}
+
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
+
+
+def can_move(current: JobState, target: JobState) -> bool:
+    return target in TRANSITIONS[current]
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass
+class Job:
+    job_id: str
+    request_id: str | None
+    spec_json: str
+    spec_hash: str
+    state: JobState
+    created_at: datetime
+    updated_at: datetime
+    generation: int = 1
+    attempts: int = 0
+    exit_code: int | None = None
+    output_tail: str = ""
+    error: str = ""
+    worker_id: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    last_sequence: int = 0
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    generation: int
+    state: JobState
+    at: datetime
+    actor: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A queue item transition, as reported by the queue."""
+
+    job_id: str
+    generation: int
+    sequence: int
+    state: JobState
+    at: datetime
+    attempt: int = 0
+    worker_id: str = ""
+    exit_code: int | None = None
+    output_tail: str = ""
+    error: str = ""
+    reason: str = ""
+
+
+def _move(job: Job, target: JobState, now: datetime) -> None:
+    if not can_move(job.state, target):
+        raise FailedPrecondition(
+            f"job {job.job_id} is {job.state.value}; it cannot become {target.value}",
+            subject=f"jobs/{job.job_id}",
+            reason="ILLEGAL_TRANSITION",
+            metadata={"current_state": job.state.value, "requested_state": target.value},
+        )
+    job.state = target
+    job.updated_at = now
+
+
+def cancel(job: Job, now: datetime, reason: str, actor: str) -> JobEvent:
+    if job.state.terminal:
+        raise FailedPrecondition(
+            f"job {job.job_id} is already {job.state.value}; only a job that has not "
+            f"ended can be cancelled",
+            subject=f"jobs/{job.job_id}",
+            reason="ILLEGAL_TRANSITION",
+            metadata={"current_state": job.state.value},
+        )
+    _move(job, JobState.CANCELLED, now)
+    job.ended_at = now
+    job.error = reason or "cancelled"
+    return JobEvent(job.job_id, job.generation, job.state, now, actor, reason or "cancelled")
+
+
+def retry(job: Job, now: datetime, actor: str) -> JobEvent:
+    if job.state not in RETRYABLE:
+        raise FailedPrecondition(
+            f"job {job.job_id} is {job.state.value}; only FAILED or CANCELLED jobs can be retried",
+            subject=f"jobs/{job.job_id}",
+            reason="ILLEGAL_TRANSITION",
+            metadata={"current_state": job.state.value},
+        )
+    _move(job, JobState.PENDING, now)
+    job.generation += 1
+    job.last_sequence = 0
+    job.exit_code = None
+    job.output_tail = ""
+    job.error = ""
+    job.worker_id = ""
+    job.started_at = None
+    job.ended_at = None
+    return JobEvent(
+        job.job_id, job.generation, job.state, now, actor, f"retry: generation {job.generation}"
+    )
+
+
+def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
+    """Apply a queue report. Returns the event, or None when it was a no-op: another
+    generation, a duplicate or late sequence, or a move the state machine forbids (for
+    example a report arriving after the user cancelled). Never raises for those."""
+    if update.generation != job.generation or update.sequence <= job.last_sequence:
+        return None
+    job.last_sequence = update.sequence
+    if job.state.terminal:
+        if update.state.terminal and job.state is JobState.CANCELLED:
+            # The worker's last word on a cancelled job: keep what it saw.
+            _record_result(job, update)
+            job.updated_at = update.at
+        return None
+    if not can_move(job.state, update.state):
+        return None
+    _move(job, update.state, update.at)
+    if update.state is JobState.RUNNING:
+        job.attempts += 1
+        job.worker_id = update.worker_id
+        job.started_at = update.at
+        job.ended_at = None
+    elif update.state is JobState.QUEUED:
+        if update.error:
+            job.error = update.error
+    else:
+        _record_result(job, update)
+        job.ended_at = update.at
+    return JobEvent(
+        job.job_id,
+        job.generation,
+        job.state,
+        update.at,
+        f"worker:{update.worker_id}" if update.worker_id else "queue",
+        update.reason or update.error,
+    )
+
+
+def _record_result(job: Job, update: StatusUpdate) -> None:
+    if update.exit_code is not None:
+        job.exit_code = update.exit_code
+    if update.output_tail:
+        job.output_tail = update.output_tail
+    if update.error:
+        job.error = update.error
+    if update.worker_id:
+        job.worker_id = update.worker_id

@@ -1,0 +1,149 @@
+"""The jobs use cases, each one unit of work: the change, its history and its outbox
+message are written in one transaction."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+
+from services.common.clock import Clock
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.feed import ChangeFeed
+from services.jobs import domain
+from services.jobs.domain import Job, JobEvent, JobState, StatusUpdate
+from services.jobs.store import DuplicateRequest, JobStore
+
+
+def spec_hash(spec_json: str) -> str:
+    return hashlib.sha256(spec_json.encode()).hexdigest()
+
+
+class JobManager:
+    def __init__(self, store: JobStore, clock: Clock, feed: ChangeFeed | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.feed = feed or ChangeFeed()
+
+    def submit(
+        self, request_id: str | None, spec_json: str, trace_context: dict[str, str]
+    ) -> tuple[Job, bool]:
+        """Store a new job and its outbox message; the same request_id gives the first job."""
+        digest = spec_hash(spec_json)
+        if request_id:
+            existing = self._same_request(request_id, digest)
+            if existing is not None:
+                return existing, False
+        now = self.clock.now()
+        job = Job(
+            job_id=domain.new_job_id(),
+            request_id=request_id or None,
+            spec_json=spec_json,
+            spec_hash=digest,
+            state=JobState.PENDING,
+            created_at=now,
+            updated_at=now,
+            trace_context=trace_context,
+        )
+        try:
+            with self.store.transaction() as tx:
+                tx.add(job)
+                tx.record(JobEvent(job.job_id, 1, JobState.PENDING, now, "client", "submitted"))
+                tx.send("enqueue", job, now)
+        except DuplicateRequest:
+            # A concurrent submit with the same request_id won the race.
+            existing = self._same_request(request_id or "", digest)
+            if existing is None:
+                raise
+            return existing, False
+        self.feed.changed()
+        return job, True
+
+    def _same_request(self, request_id: str, digest: str) -> Job | None:
+        with self.store.transaction() as tx:
+            existing = tx.by_request_id(request_id)
+        if existing is not None and existing.spec_hash != digest:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for job {existing.job_id} with "
+                f"a different spec",
+                reason="REQUEST_ID_REUSED",
+                metadata={"job_id": existing.job_id, "request_id": request_id},
+            )
+        return existing
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound("job", job_id)
+        return job
+
+    def list_jobs(
+        self, page_size: int, page_token: str, states: Sequence[JobState]
+    ) -> tuple[list[Job], str]:
+        after = decode_page_token(page_token) if page_token else None
+        jobs = self.store.list_jobs(limit=page_size + 1, after=after, states=states)
+        if len(jobs) <= page_size:
+            return jobs, ""
+        jobs = jobs[:page_size]
+        last = jobs[-1]
+        return jobs, encode_page_token(last.created_at, last.job_id)
+
+    def cancel(self, job_id: str, reason: str, actor: str = "client") -> Job:
+        with self.store.transaction() as tx:
+            job = tx.get(job_id, for_update=True)
+            if job is None:
+                raise NotFound("job", job_id)
+            event = domain.cancel(job, self.clock.now(), reason, actor)
+            tx.save(job)
+            tx.record(event)
+            tx.send("cancel", job, event.at)
+        self.feed.changed()
+        return job
+
+    def retry(self, job_id: str, actor: str = "client") -> Job:
+        with self.store.transaction() as tx:
+            job = tx.get(job_id, for_update=True)
+            if job is None:
+                raise NotFound("job", job_id)
+            event = domain.retry(job, self.clock.now(), actor)
+            tx.save(job)
+            tx.record(event)
+            tx.send("enqueue", job, event.at)
+        self.feed.changed()
+        return job
+
+    def update_status(self, update: StatusUpdate) -> bool:
+        with self.store.transaction() as tx:
+            job = tx.get(update.job_id, for_update=True)
+            if job is None:
+                raise NotFound("job", update.job_id)
+            before = (job.last_sequence, job.updated_at)
+            event = domain.apply_update(job, update)
+            if (job.last_sequence, job.updated_at) != before:
+                tx.save(job)
+            if event is not None:
+                tx.record(event)
+        if event is not None:
+            self.feed.changed()
+        return event is not None
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        self.get(job_id)
+        return self.store.events(job_id)
+
+
+def encode_page_token(created_at: datetime, job_id: str) -> str:
+    raw = f"{created_at.isoformat()}|{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            "page_token is not a token this service gave out",
+            violations=[("page_token", "not a token this service gave out")],
+        ) from None

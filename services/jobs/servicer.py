@@ -1,0 +1,153 @@
+"""The gRPC edge of the jobs service: check the request's shape, convert, call the manager.
+Errors are mapped by the shared interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from blixard.jobs.v1 import jobs_service_pb2 as pb
+from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+
+from services.common import telemetry
+from services.common.auth import Policy, Role
+from services.common.jobspec import check_spec
+from services.common.validation import Problems
+from services.jobs import convert
+from services.jobs.manager import JobManager
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+_CLIENT = frozenset({Role.CLIENT})
+POLICY: Policy = {
+    "SubmitJob": _CLIENT,
+    "GetJob": _CLIENT,
+    "ListJobs": _CLIENT,
+    "CancelJob": _CLIENT,
+    "RetryJob": _CLIENT,
+    "WatchJob": _CLIENT,
+    "ListJobEvents": _CLIENT,
+    # UpdateJobStatus: the queue's own calls, with the admin token.
+}
+
+MAX_REQUEST_ID = 256
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+WATCH_POLL_SECONDS = 1.0
+
+
+def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> None:
+    problems.check(bool(job_id), field, "required")
+    problems.check(len(job_id) <= 64, field, "at most 64 characters")
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def SubmitJob(
+        self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitJobResponse:
+        problems = Problems()
+        problems.check(
+            len(request.request_id) <= MAX_REQUEST_ID,
+            "request_id",
+            f"at most {MAX_REQUEST_ID} characters",
+        )
+        if problems.check(request.HasField("spec"), "spec", "required"):
+            check_spec(request.spec, "spec", problems)
+        problems.raise_if_any()
+        job, _created = self.manager.submit(
+            request.request_id, convert.spec_json(request.spec), telemetry.current_context_carrier()
+        )
+        return pb.SubmitJobResponse(job=convert.job_message(job))
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.raise_if_any()
+        return pb.GetJobResponse(job=convert.job_message(self.manager.get(request.job_id)))
+
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        problems = Problems()
+        problems.check(
+            0 <= request.page_size <= MAX_PAGE_SIZE,
+            "page_size",
+            f"between 0 and {MAX_PAGE_SIZE} (0 = {DEFAULT_PAGE_SIZE})",
+        )
+        states = []
+        for i, value in enumerate(request.states):
+            if problems.check(
+                value in convert._STATE_FROM_PB, f"states[{i}]", f"{value} is not a job state"
+            ):
+                states.append(convert.state_from_pb(value))
+        problems.raise_if_any()
+        jobs, token = self.manager.list_jobs(
+            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, states
+        )
+        return pb.ListJobsResponse(
+            jobs=[convert.job_message(j) for j in jobs], next_page_token=token
+        )
+
+    def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.ServicerContext
+    ) -> pb.CancelJobResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.check(len(request.reason) <= 1024, "reason", "at most 1024 characters")
+        problems.raise_if_any()
+        job = self.manager.cancel(request.job_id, request.reason or "cancelled by the client")
+        return pb.CancelJobResponse(job=convert.job_message(job))
+
+    def RetryJob(
+        self, request: pb.RetryJobRequest, context: grpc.ServicerContext
+    ) -> pb.RetryJobResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.raise_if_any()
+        return pb.RetryJobResponse(job=convert.job_message(self.manager.retry(request.job_id)))
+
+    def UpdateJobStatus(
+        self, request: pb.UpdateJobStatusRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateJobStatusResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.check(request.generation >= 1, "generation", "at least 1")
+        problems.check(request.sequence >= 1, "sequence", "at least 1")
+        problems.check(request.state in convert._STATE_FROM_PB, "state", "required: a job state")
+        problems.raise_if_any()
+        update = convert.status_update(request, self.manager.clock.now())
+        return pb.UpdateJobStatusResponse(applied=self.manager.update_status(update))
+
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchJobResponse]:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.raise_if_any()
+        feed = self.manager.feed
+        seen = feed.version
+        job = self.manager.get(request.job_id)
+        yield pb.WatchJobResponse(job=convert.job_message(job))
+        while not job.state.terminal and context.is_active():
+            seen = feed.wait(seen, WATCH_POLL_SECONDS)
+            latest = self.manager.get(request.job_id)
+            if (latest.state, latest.generation, latest.updated_at) != (
+                job.state,
+                job.generation,
+                job.updated_at,
+            ):
+                job = latest
+                yield pb.WatchJobResponse(job=convert.job_message(job))
+
+    def ListJobEvents(
+        self, request: pb.ListJobEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobEventsResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.raise_if_any()
+        return pb.ListJobEventsResponse(
+            events=[convert.event_message(e) for e in self.manager.events(request.job_id)]
+        )

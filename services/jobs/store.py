@@ -1,0 +1,153 @@
+"""The jobs store: one transaction per use case, rows mapped to domain jobs here only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+
+from sqlalchemy import Engine, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.common.clock import to_utc
+from services.common.outbox import SqlOutbox
+from services.jobs.domain import Job, JobEvent, JobState
+from services.jobs.models import JobEventRow, JobRow, OutboxRow
+
+
+class DuplicateRequest(Exception):
+    """A job with this request_id exists already."""
+
+
+class Transaction:
+    """What one use case may do inside one database transaction."""
+
+    def __init__(self, session: Session, outbox: SqlOutbox) -> None:
+        self.session = session
+        self._outbox = outbox
+
+    def get(self, job_id: str, *, for_update: bool = False) -> Job | None:
+        query = select(JobRow).where(JobRow.job_id == job_id)
+        if for_update:
+            query = query.with_for_update()
+        row = self.session.scalars(query).first()
+        return _job(row) if row else None
+
+    def by_request_id(self, request_id: str) -> Job | None:
+        row = self.session.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
+        return _job(row) if row else None
+
+    def add(self, job: Job) -> None:
+        self.session.add(_row(job))
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise DuplicateRequest(job.request_id) from None
+
+    def save(self, job: Job) -> None:
+        values = {k: v for k, v in _row(job).__dict__.items() if not k.startswith("_")}
+        self.session.execute(update(JobRow).where(JobRow.job_id == job.job_id).values(**values))
+
+    def record(self, event: JobEvent) -> None:
+        self.session.add(
+            JobEventRow(
+                job_id=event.job_id,
+                generation=event.generation,
+                state=event.state.value,
+                at=event.at,
+                actor=event.actor,
+                reason=event.reason,
+            )
+        )
+
+    def send(self, topic: str, job: Job, now: datetime) -> None:
+        """Tell the queue, once this transaction commits: "enqueue" or "cancel"."""
+        self._outbox.add(
+            self.session,
+            topic,
+            job.job_id,
+            {"job_id": job.job_id, "generation": job.generation},
+            now,
+        )
+
+
+class JobStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.outbox = SqlOutbox(engine, OutboxRow)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._sessions.begin() as session:
+            yield Transaction(session, self.outbox)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._sessions() as session:
+            row = session.get(JobRow, job_id)
+            return _job(row) if row else None
+
+    def list_jobs(
+        self, *, limit: int, after: tuple[datetime, str] | None, states: Sequence[JobState]
+    ) -> list[Job]:
+        query = select(JobRow).order_by(JobRow.created_at, JobRow.job_id).limit(limit)
+        if states:
+            query = query.where(JobRow.state.in_([s.value for s in states]))
+        if after is not None:
+            query = query.where(tuple_(JobRow.created_at, JobRow.job_id) > after)
+        with self._sessions() as session:
+            return [_job(row) for row in session.scalars(query)]
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        query = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+        with self._sessions() as session:
+            return [
+                JobEvent(r.job_id, r.generation, JobState(r.state), to_utc(r.at), r.actor, r.reason)
+                for r in session.scalars(query)
+            ]
+
+
+def _row(job: Job) -> JobRow:
+    return JobRow(
+        job_id=job.job_id,
+        request_id=job.request_id,
+        spec_json=job.spec_json,
+        spec_hash=job.spec_hash,
+        state=job.state.value,
+        generation=job.generation,
+        attempts=job.attempts,
+        exit_code=job.exit_code,
+        output_tail=job.output_tail,
+        error=job.error,
+        worker_id=job.worker_id,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        last_sequence=job.last_sequence,
+        trace_context=json.dumps(job.trace_context),
+    )
+
+
+def _job(row: JobRow) -> Job:
+    return Job(
+        job_id=row.job_id,
+        request_id=row.request_id,
+        spec_json=row.spec_json,
+        spec_hash=row.spec_hash,
+        state=JobState(row.state),
+        generation=row.generation,
+        attempts=row.attempts,
+        exit_code=row.exit_code,
+        output_tail=row.output_tail,
+        error=row.error,
+        worker_id=row.worker_id,
+        created_at=to_utc(row.created_at),
+        updated_at=to_utc(row.updated_at),
+        started_at=to_utc(row.started_at) if row.started_at else None,
+        ended_at=to_utc(row.ended_at) if row.ended_at else None,
+        last_sequence=row.last_sequence,
+        trace_context=json.loads(row.trace_context or "{}"),
+    )

@@ -1,0 +1,47 @@
+"""The one place that wires the queue service: engine -> store -> manager -> servicer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
+
+from services.common import client, db, server
+from services.common.clock import SYSTEM_CLOCK, Clock
+from services.common.outbox import Message, Relay
+from services.queue.config import QueueConfig
+from services.queue.manager import QueueManager, Reaper
+from services.queue.models import Base
+from services.queue.reporter import JobsReporter
+from services.queue.servicer import POLICY, SERVICE_NAME, QueueServicer
+from services.queue.store import QueueStore
+
+
+def build(
+    config: QueueConfig,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    jobs: Callable[[Message], None] | None = None,
+) -> server.Running:
+    engine = db.make_engine(config.database_url, setting="QUEUE_DATABASE_URL")
+    db.create_schema(engine, Base, "QUEUE_DATABASE_URL")
+    store = QueueStore(engine)
+    manager = QueueManager(store, clock, policy=config.retry, worker_timeout=config.worker_timeout)
+    if jobs is None:
+        jobs = JobsReporter(client.open_channel(config.jobs_address, config.shared.tokens.admin))
+    relay = Relay("queue-outbox-relay", store.outbox, jobs, clock, manager.feed)
+    reaper = Reaper(manager, config.reap_interval)
+    servicer = QueueServicer(manager)
+    running = server.create_server(
+        config.server.address,
+        register=lambda s: pb_grpc.add_QueueServiceServicer_to_server(servicer, s),
+        service_names=[SERVICE_NAME],
+        tokens=config.shared.tokens,
+        policy=POLICY,
+        setting="QUEUE_GRPC_PORT",
+    )
+    relay.start()
+    reaper.start()
+    running.before_stop.append(manager.stop)
+    running.on_stop.extend([reaper.stop, relay.stop, engine.dispose])
+    return running

@@ -1,0 +1,112 @@
+"""The only module of the queue service that knows both protobuf messages and domain types."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from blixard.common.v1 import job_spec_pb2
+from blixard.jobs.v1 import jobs_service_pb2 as jpb
+from blixard.queue.v1 import queue_service_pb2 as pb
+from google.protobuf import json_format
+
+from services.common import pbtime
+from services.queue.domain import Item, ItemState, Outcome, Report, Worker, WorkerState
+from services.queue.manager import Lease, NewItem
+
+_OUTCOMES = {
+    job_spec_pb2.OUTCOME_SUCCEEDED: Outcome.SUCCEEDED,
+    job_spec_pb2.OUTCOME_FAILED: Outcome.FAILED,
+    job_spec_pb2.OUTCOME_CANCELLED: Outcome.CANCELLED,
+}
+
+
+def spec_json(spec: job_spec_pb2.JobSpec) -> str:
+    return json_format.MessageToJson(
+        spec, sort_keys=True, indent=None, preserving_proto_field_name=True
+    )
+
+
+def new_item(request: pb.EnqueueRequest) -> NewItem:
+    spec = request.spec
+    return NewItem(
+        job_id=request.job_id,
+        generation=request.generation,
+        spec_json=spec_json(spec),
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        run_at=pbtime.from_timestamp(spec.run_at) if spec.HasField("run_at") else None,
+        worker_types=tuple(spec.requirements.worker_types),
+        labels=dict(spec.requirements.labels),
+        trace_context=dict(request.trace_context),
+    )
+
+
+def outcome(value: int) -> Outcome | None:
+    return _OUTCOMES.get(value)  # type: ignore[call-overload, no-any-return]
+
+
+def item_message(item: Item) -> pb.WorkItem:
+    message = pb.WorkItem(
+        job_id=item.job_id,
+        generation=item.generation,
+        spec=json_format.Parse(item.spec_json, job_spec_pb2.JobSpec()),
+        state=pb.ItemState.Value(f"ITEM_STATE_{item.state.value}"),
+        attempt=item.attempt,
+        max_attempts=item.max_attempts,
+        run_at=pbtime.timestamp(item.run_at),
+        worker_id=item.worker_id,
+        lease_deadline=pbtime.timestamp(item.lease_deadline),
+        cancel_requested=item.cancel_requested,
+        output_tail=item.output_tail,
+        error=item.error,
+        trace_context=item.trace_context,
+    )
+    if item.exit_code is not None:
+        message.exit_code = item.exit_code
+    return message
+
+
+def lease_message(lease: Lease) -> pb.Lease:
+    return pb.Lease(
+        item=item_message(lease.item),
+        lease_token=lease.token,
+        deadline=pbtime.timestamp(lease.deadline),
+    )
+
+
+def worker_message(worker: Worker) -> pb.Worker:
+    return pb.Worker(
+        worker_id=worker.worker_id,
+        worker_type=worker.worker_type,
+        labels=worker.labels,
+        slots=worker.slots,
+        state=pb.WorkerState.Value(f"WORKER_STATE_{worker.state.value}"),
+        last_seen_time=pbtime.timestamp(worker.last_seen),
+    )
+
+
+def state_name(state: ItemState) -> str:
+    return f"ITEM_STATE_{state.value}"
+
+
+def update_request(payload: dict[str, object]) -> jpb.UpdateJobStatusRequest:
+    """A report from the outbox, as the jobs contract's UpdateJobStatus."""
+    report = Report(**{**payload, "at": datetime.fromisoformat(str(payload["at"]))})  # type: ignore[arg-type]
+    request = jpb.UpdateJobStatusRequest(
+        job_id=report.job_id,
+        generation=report.generation,
+        sequence=report.sequence,
+        state=jpb.JobState.Value(f"JOB_STATE_{report.job_state}"),
+        attempt=report.attempt,
+        worker_id=report.worker_id,
+        output_tail=report.output_tail,
+        error=report.error,
+        event_time=pbtime.timestamp(report.at),
+        reason=report.reason,
+    )
+    if report.exit_code is not None:
+        request.exit_code = report.exit_code
+    return request
+
+
+__all__ = ["WorkerState", "state_name"]

@@ -1,0 +1,76 @@
+"""The queue service's tables (SQLAlchemy 2.x)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.common.outbox import OutboxMixin
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ItemRow(Base):
+    __tablename__ = "items"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    spec_json: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    # ",process,vm," (empty = any worker type), so a claim filters in SQL.
+    worker_types: Mapped[str] = mapped_column(String(600))
+    labels: Mapped[str] = mapped_column(Text)
+    lease_token: Mapped[str | None] = mapped_column(String(64), unique=True)
+    lease_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    worker_id: Mapped[str] = mapped_column(String(256))
+    version: Mapped[int] = mapped_column(BigInteger)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    output_tail: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+    report_seq: Mapped[int] = mapped_column(BigInteger)
+    trace_context: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_items_available", "state", "priority", "seq"),
+        Index("ix_items_deadline", "state", "lease_deadline"),
+        Index("ix_items_worker", "worker_id", "state"),
+    )
+
+
+class WorkerRow(Base):
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    worker_type: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[str] = mapped_column(Text)
+    slots: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class OutboxRow(OutboxMixin, Base):
+    """Reports to the jobs service, written in the same transaction as the transition."""
+
+    __tablename__ = "outbox"

@@ -1,0 +1,226 @@
+"""The gRPC edge of the queue service: check the request's shape, convert, call the manager."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+from blixard.queue.v1 import queue_service_pb2 as pb
+from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
+
+from services.common import pbtime
+from services.common.auth import Policy, Role
+from services.common.jobspec import check_labels, check_spec
+from services.common.validation import Problems
+from services.queue import convert
+from services.queue.manager import QueueManager
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueueService"].full_name
+
+_WORKER = frozenset({Role.WORKER})
+_READ = frozenset({Role.CLIENT, Role.WORKER})
+POLICY: Policy = {
+    "Claim": _WORKER,
+    "Heartbeat": _WORKER,
+    "Complete": _WORKER,
+    "Release": _WORKER,
+    "RegisterWorker": _WORKER,
+    "GetItem": _READ,
+    "GetStats": _READ,
+    "ListWorkers": _READ,
+    # Enqueue, CancelItem, Redrive, DrainWorker: the jobs service and operators (admin).
+}
+
+MAX_ITEMS = 256
+DEFAULT_LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 1.0
+MAX_LEASE_SECONDS = 3600.0
+MAX_WAIT_SECONDS = 60.0
+MAX_TAIL_BYTES = 64 * 1024
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_WORKER_TYPE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def _check_id(value: str, field: str, problems: Problems) -> None:
+    if problems.check(bool(value), field, "required"):
+        problems.check(
+            bool(_ID.match(value)), field, "letters, digits and ._:@- (at most 128 characters)"
+        )
+
+
+def _check_worker(worker_id: str, worker_type: str, problems: Problems) -> None:
+    _check_id(worker_id, "worker_id", problems)
+    problems.check(
+        bool(_WORKER_TYPE.match(worker_type)),
+        "worker_type",
+        "required: lowercase letters, digits and -, starting with a letter",
+    )
+
+
+def _lease_seconds(
+    request: pb.ClaimRequest | pb.HeartbeatRequest, problems: Problems
+) -> float | None:
+    if not request.HasField("lease_duration"):
+        return None
+    seconds = pbtime.seconds(request.lease_duration)
+    problems.check(
+        MIN_LEASE_SECONDS <= seconds <= MAX_LEASE_SECONDS,
+        "lease_duration",
+        f"between {MIN_LEASE_SECONDS:g}s and {MAX_LEASE_SECONDS:g}s",
+    )
+    return seconds
+
+
+class QueueServicer(pb_grpc.QueueServiceServicer):
+    def __init__(self, manager: QueueManager) -> None:
+        self.manager = manager
+
+    def Enqueue(
+        self, request: pb.EnqueueRequest, context: grpc.ServicerContext
+    ) -> pb.EnqueueResponse:
+        problems = Problems()
+        _check_id(request.job_id, "job_id", problems)
+        problems.check(request.generation >= 1, "generation", "at least 1")
+        if problems.check(request.HasField("spec"), "spec", "required"):
+            check_spec(request.spec, "spec", problems)
+        problems.raise_if_any()
+        item, created = self.manager.enqueue(convert.new_item(request))
+        return pb.EnqueueResponse(item=convert.item_message(item), created=created)
+
+    def Claim(self, request: pb.ClaimRequest, context: grpc.ServicerContext) -> pb.ClaimResponse:
+        problems = Problems()
+        _check_worker(request.worker_id, request.worker_type, problems)
+        check_labels(request.labels, "labels", problems)
+        problems.check(request.max_items <= MAX_ITEMS, "max_items", f"at most {MAX_ITEMS} (0 = 1)")
+        lease = _lease_seconds(request, problems) or DEFAULT_LEASE_SECONDS
+        wait = pbtime.seconds(request.wait) if request.HasField("wait") else 0.0
+        problems.check(
+            0 <= wait <= MAX_WAIT_SECONDS, "wait", f"between 0 and {MAX_WAIT_SECONDS:g}s"
+        )
+        problems.raise_if_any()
+        # Never hold a long poll past the client's own deadline.
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.0, min(wait, remaining - 1.0))
+        leases = self.manager.claim(
+            request.worker_id,
+            request.worker_type,
+            dict(request.labels),
+            request.max_items or 1,
+            lease,
+            wait,
+        )
+        return pb.ClaimResponse(leases=[convert.lease_message(lease) for lease in leases])
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        problems = Problems()
+        problems.check(bool(request.lease_token), "lease_token", "required")
+        lease = _lease_seconds(request, problems)
+        problems.raise_if_any()
+        item = self.manager.heartbeat(request.lease_token, lease)
+        return pb.HeartbeatResponse(
+            deadline=pbtime.timestamp(item.lease_deadline), cancel_requested=item.cancel_requested
+        )
+
+    def Complete(
+        self, request: pb.CompleteRequest, context: grpc.ServicerContext
+    ) -> pb.CompleteResponse:
+        problems = Problems()
+        problems.check(bool(request.lease_token), "lease_token", "required")
+        outcome = convert.outcome(request.outcome)
+        problems.check(
+            outcome is not None,
+            "outcome",
+            "required: OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED",
+        )
+        problems.check(
+            len(request.output_tail.encode()) <= MAX_TAIL_BYTES,
+            "output_tail",
+            f"at most {MAX_TAIL_BYTES} bytes",
+        )
+        problems.check(len(request.error) <= 4096, "error", "at most 4096 characters")
+        problems.raise_if_any()
+        assert outcome is not None
+        item = self.manager.complete(
+            request.lease_token,
+            outcome,
+            request.exit_code if request.HasField("exit_code") else None,
+            request.output_tail,
+            request.error,
+        )
+        return pb.CompleteResponse(item=convert.item_message(item))
+
+    def Release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
+        problems = Problems()
+        problems.check(bool(request.lease_token), "lease_token", "required")
+        problems.check(len(request.reason) <= 1024, "reason", "at most 1024 characters")
+        problems.raise_if_any()
+        item = self.manager.release(request.lease_token, request.reason)
+        return pb.ReleaseResponse(item=convert.item_message(item))
+
+    def CancelItem(
+        self, request: pb.CancelItemRequest, context: grpc.ServicerContext
+    ) -> pb.CancelItemResponse:
+        problems = Problems()
+        _check_id(request.job_id, "job_id", problems)
+        problems.raise_if_any()
+        item = self.manager.cancel(request.job_id, request.generation)
+        return pb.CancelItemResponse(item=convert.item_message(item))
+
+    def Redrive(
+        self, request: pb.RedriveRequest, context: grpc.ServicerContext
+    ) -> pb.RedriveResponse:
+        problems = Problems()
+        _check_id(request.job_id, "job_id", problems)
+        problems.raise_if_any()
+        return pb.RedriveResponse(item=convert.item_message(self.manager.redrive(request.job_id)))
+
+    def GetItem(
+        self, request: pb.GetItemRequest, context: grpc.ServicerContext
+    ) -> pb.GetItemResponse:
+        problems = Problems()
+        _check_id(request.job_id, "job_id", problems)
+        problems.raise_if_any()
+        return pb.GetItemResponse(item=convert.item_message(self.manager.get(request.job_id)))
+
+    def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.ServicerContext
+    ) -> pb.GetStatsResponse:
+        counts, oldest_age = self.manager.stats()
+        return pb.GetStatsResponse(
+            items_by_state={f"ITEM_STATE_{state}": n for state, n in counts.items()},
+            oldest_waiting_age=pbtime.duration(oldest_age),
+        )
+
+    def RegisterWorker(
+        self, request: pb.RegisterWorkerRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterWorkerResponse:
+        problems = Problems()
+        _check_worker(request.worker_id, request.worker_type, problems)
+        check_labels(request.labels, "labels", problems)
+        problems.check(request.slots <= 1024, "slots", "at most 1024")
+        problems.raise_if_any()
+        worker = self.manager.register_worker(
+            request.worker_id, request.worker_type, dict(request.labels), request.slots or 1
+        )
+        return pb.RegisterWorkerResponse(worker=convert.worker_message(worker))
+
+    def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.ServicerContext
+    ) -> pb.ListWorkersResponse:
+        return pb.ListWorkersResponse(
+            workers=[convert.worker_message(w) for w in self.manager.workers()]
+        )
+
+    def DrainWorker(
+        self, request: pb.DrainWorkerRequest, context: grpc.ServicerContext
+    ) -> pb.DrainWorkerResponse:
+        problems = Problems()
+        _check_id(request.worker_id, "worker_id", problems)
+        problems.raise_if_any()
+        worker = self.manager.drain_worker(request.worker_id)
+        return pb.DrainWorkerResponse(worker=convert.worker_message(worker))

@@ -1,0 +1,224 @@
+"""The queue store: the source of truth. Every write of an item is a conditional update on
+its version, so two replicas on one database are arbitrated by the database."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.common.clock import to_utc
+from services.common.errors import Aborted
+from services.common.outbox import SqlOutbox
+from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
+from services.queue.models import ItemRow, OutboxRow, WorkerRow
+
+
+class Transaction:
+    def __init__(self, session: Session, outbox: SqlOutbox) -> None:
+        self.session = session
+        self._outbox = outbox
+
+    # ---- items ------------------------------------------------------------------------
+
+    def get(self, job_id: str, *, for_update: bool = False) -> Item | None:
+        query = select(ItemRow).where(ItemRow.job_id == job_id)
+        if for_update:
+            query = query.with_for_update()
+        row = self.session.scalars(query).first()
+        return _item(row) if row else None
+
+    def by_token(self, token: str) -> Item | None:
+        row = self.session.scalars(
+            select(ItemRow).where(ItemRow.lease_token == token).with_for_update()
+        ).first()
+        return _item(row) if row else None
+
+    def insert(self, item: Item) -> None:
+        self.session.add(ItemRow(**_columns(item)))
+        self.session.flush()
+
+    def save(self, item: Item, expected_version: int) -> None:
+        """Write the item if nobody changed it since it was read (version check)."""
+        item.version = expected_version + 1
+        result = self.session.execute(
+            update(ItemRow)
+            .where(ItemRow.job_id == item.job_id, ItemRow.version == expected_version)
+            .values(**_columns(item))
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise Aborted(
+                f"item {item.job_id} was changed concurrently",
+                reason="CONFLICT",
+                metadata={"job_id": item.job_id},
+            )
+
+    def available(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
+        query = (
+            select(ItemRow)
+            .where(
+                ItemRow.state == ItemState.WAITING.value,
+                ItemRow.run_at <= now,
+                or_(ItemRow.worker_types == "", ItemRow.worker_types.contains(f",{worker_type},")),
+            )
+            .order_by(ItemRow.priority.desc(), ItemRow.seq, ItemRow.job_id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [_item(row) for row in self.session.scalars(query)]
+
+    def expired(self, now: datetime, limit: int) -> list[Item]:
+        query = (
+            select(ItemRow)
+            .where(ItemRow.state == ItemState.LEASED.value, ItemRow.lease_deadline < now)
+            .order_by(ItemRow.lease_deadline)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [_item(row) for row in self.session.scalars(query)]
+
+    def leased_by(self, worker_id: str) -> list[Item]:
+        query = (
+            select(ItemRow)
+            .where(ItemRow.worker_id == worker_id, ItemRow.state == ItemState.LEASED.value)
+            .with_for_update()
+        )
+        return [_item(row) for row in self.session.scalars(query)]
+
+    def report(self, report: Report) -> None:
+        payload = asdict(report)
+        payload["at"] = report.at.isoformat()
+        self._outbox.add(self.session, "status", report.job_id, payload, report.at)
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def worker(self, worker_id: str) -> Worker | None:
+        row = self.session.get(WorkerRow, worker_id, with_for_update=True)
+        return _worker(row) if row else None
+
+    def put_worker(self, worker: Worker) -> None:
+        self.session.merge(
+            WorkerRow(
+                worker_id=worker.worker_id,
+                worker_type=worker.worker_type,
+                labels=json.dumps(worker.labels),
+                slots=worker.slots,
+                state=worker.state.value,
+                last_seen=worker.last_seen,
+            )
+        )
+
+    def silent_workers(self, cutoff: datetime) -> list[Worker]:
+        query = select(WorkerRow).where(
+            WorkerRow.state != WorkerState.OFFLINE.value, WorkerRow.last_seen < cutoff
+        )
+        return [_worker(row) for row in self.session.scalars(query)]
+
+
+class QueueStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.outbox = SqlOutbox(engine, OutboxRow)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._sessions.begin() as session:
+            yield Transaction(session, self.outbox)
+
+    def get(self, job_id: str) -> Item | None:
+        with self._sessions() as session:
+            row = session.get(ItemRow, job_id)
+            return _item(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        query = select(ItemRow.state, func.count()).group_by(ItemRow.state)
+        with self._sessions() as session:
+            return {state: count for state, count in session.execute(query).all()}
+
+    def oldest_waiting(self) -> datetime | None:
+        query = select(func.min(ItemRow.created_at)).where(ItemRow.state == ItemState.WAITING.value)
+        with self._sessions() as session:
+            value = session.scalar(query)
+            return to_utc(value) if value else None
+
+    def workers(self) -> list[Worker]:
+        with self._sessions() as session:
+            return [
+                _worker(r) for r in session.scalars(select(WorkerRow).order_by(WorkerRow.worker_id))
+            ]
+
+
+def _columns(item: Item) -> dict[str, object]:
+    return dict(
+        job_id=item.job_id,
+        generation=item.generation,
+        spec_json=item.spec_json,
+        state=item.state.value,
+        priority=item.priority,
+        run_at=item.run_at,
+        seq=item.seq,
+        max_attempts=item.max_attempts,
+        attempt=item.attempt,
+        worker_types="".join(f",{t}" for t in item.worker_types)
+        + ("," if item.worker_types else ""),
+        labels=json.dumps(item.labels),
+        lease_token=item.lease_token,
+        lease_deadline=item.lease_deadline,
+        lease_seconds=item.lease_seconds,
+        worker_id=item.worker_id,
+        version=item.version,
+        cancel_requested=item.cancel_requested,
+        exit_code=item.exit_code,
+        output_tail=item.output_tail,
+        error=item.error,
+        report_seq=item.report_seq,
+        trace_context=json.dumps(item.trace_context),
+        created_at=item.created_at,
+        updated_at=item.updated_at,
+    )
+
+
+def _item(row: ItemRow) -> Item:
+    return Item(
+        job_id=row.job_id,
+        generation=row.generation,
+        spec_json=row.spec_json,
+        state=ItemState(row.state),
+        priority=row.priority,
+        run_at=to_utc(row.run_at),
+        seq=row.seq,
+        max_attempts=row.max_attempts,
+        attempt=row.attempt,
+        worker_types=tuple(t for t in row.worker_types.split(",") if t),
+        labels=json.loads(row.labels),
+        lease_token=row.lease_token,
+        lease_deadline=to_utc(row.lease_deadline) if row.lease_deadline else None,
+        lease_seconds=row.lease_seconds,
+        worker_id=row.worker_id,
+        version=row.version,
+        cancel_requested=row.cancel_requested,
+        exit_code=row.exit_code,
+        output_tail=row.output_tail,
+        error=row.error,
+        report_seq=row.report_seq,
+        trace_context=json.loads(row.trace_context),
+        created_at=to_utc(row.created_at),
+        updated_at=to_utc(row.updated_at),
+    )
+
+
+def _worker(row: WorkerRow) -> Worker:
+    return Worker(
+        row.worker_id,
+        row.worker_type,
+        json.loads(row.labels),
+        row.slots,
+        WorkerState(row.state),
+        to_utc(row.last_seen),
+    )

@@ -1,0 +1,190 @@
+"""How a job is executed: one interface, an adapter per worker type.
+
+An adapter starts an execution and hands back a handle the worker supervises: it waits on
+it, heartbeats meanwhile, and stops it on a cancel, a timeout or a lost lease.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+TAIL_BYTES = 64 * 1024
+_BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
+
+
+@dataclass(frozen=True)
+class Task:
+    command: list[str]
+    env: dict[str, str]
+    working_directory: str
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_code: int | None
+    output_tail: str
+    total_bytes: int
+    error: str = ""
+
+
+class Execution(Protocol):
+    def wait(self, timeout: float) -> bool:
+        """True once the execution has ended."""
+        ...
+
+    def stop(self, grace: float) -> None:
+        """End it: politely, then by force after ``grace`` seconds."""
+        ...
+
+    def result(self) -> Result: ...
+
+
+class Adapter(Protocol):
+    def start(self, task: Task) -> Execution: ...
+
+
+class StartFailed(Exception):
+    """The execution could not start (no such program, bad directory)."""
+
+
+class OutputTail:
+    """Keeps the last ``limit`` bytes of a stream and counts all of them."""
+
+    def __init__(self, limit: int = TAIL_BYTES) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._kept = 0
+        self.limit = limit
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, chunk: bytes) -> None:
+        with self._lock:
+            self.total += len(chunk)
+            self._chunks.append(chunk)
+            self._kept += len(chunk)
+            while self._kept - len(self._chunks[0]) >= self.limit:
+                self._kept -= len(self._chunks.popleft())
+
+    def text(self) -> str:
+        with self._lock:
+            data = b"".join(self._chunks)[-self.limit :]
+        text = data.decode("utf-8", errors="replace")
+        # Replacement characters take 3 bytes: keep the promise of at most ``limit`` bytes.
+        return text.encode()[-self.limit :].decode("utf-8", errors="ignore")
+
+
+class ProcessExecution:
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.tail = OutputTail()
+        assert process.stdout is not None
+        self._reader = threading.Thread(
+            target=self._read, args=(process.stdout,), name=f"output-{process.pid}", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        with stream:
+            for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+                self.tail.add(chunk)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to the whole process group, then SIGKILL after the grace."""
+        self._signal_group(signal.SIGTERM)
+        if not self.wait(grace):
+            self._signal_group(signal.SIGKILL)
+            self.process.wait()
+        # Children that ignored SIGTERM and outlived their leader go too.
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def result(self) -> Result:
+        self._reader.join(timeout=5)
+        code = self.process.returncode
+        error = ""
+        if code is not None and code < 0:
+            error = f"killed by {signal.Signals(-code).name}"
+            code = 128 - code
+        return Result(code, self.tail.text(), self.tail.total, error)
+
+
+class ProcessAdapter:
+    """A local process: argv (no shell), its own session and process group."""
+
+    def start(self, task: Task) -> Execution:
+        env = {k: v for k in _BASE_ENV if (v := os.environ.get(k)) is not None}
+        env.update(task.env)
+        try:
+            process = subprocess.Popen(
+                task.command,
+                env=env,
+                cwd=task.working_directory or None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise StartFailed(
+                f"cannot start {task.command[0]!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        return ProcessExecution(process)
+
+
+class MockExecution:
+    def __init__(self, delay: float, fail: bool) -> None:
+        self._done = threading.Event()
+        self._fail = fail
+        self._stopped = False
+        self._timer = threading.Timer(delay, self._done.set)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    def stop(self, grace: float) -> None:
+        self._stopped = True
+        self._timer.cancel()
+        self._done.set()
+
+    def result(self) -> Result:
+        if self._stopped:
+            return Result(137, "", 0, "stopped")
+        if self._fail:
+            return Result(1, "mock failure\n", 13, "mock failure")
+        return Result(0, "mock success\n", 13)
+
+
+class MockAdapter:
+    """A delay, and failures at a given rate: seeded, so a run can be repeated."""
+
+    def __init__(self, delay: float, failure_rate: float, seed: int) -> None:
+        self.delay = delay
+        self.failure_rate = failure_rate
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def start(self, task: Task) -> Execution:
+        with self._lock:
+            fail = self._random.random() < self.failure_rate
+        return MockExecution(self.delay, fail)

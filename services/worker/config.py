@@ -1,0 +1,56 @@
+"""Worker settings: ``WORKER_*`` and the suite-wide ``BLIXARD_*``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.common import config as common
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    shared: common.SharedSettings
+    worker_id: str
+    worker_type: str
+    slots: int
+    queue_address: str
+    lease_seconds: float
+    poll_wait: float
+    drain_grace: float
+    default_timeout: float
+    kill_grace: float
+    mock_delay: float
+    mock_failure_rate: float
+    mock_seed: int
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.lease_seconds / 3
+
+
+def load(environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    environ = os.environ if environ is None else environ
+    env = common.EnvReader("WORKER_", environ)
+    shared, shared_env = common.read_shared(environ)
+    default_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    config = WorkerConfig(
+        shared=shared,
+        worker_id=env.text("ID", default_id),
+        worker_type=env.choice("TYPE", "process", ("process", "mock")),
+        slots=env.integer("SLOTS", 2, minimum=1, maximum=256),
+        queue_address=env.text("QUEUE_ADDRESS", "127.0.0.1:50052"),
+        lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600.0),
+        poll_wait=env.number("POLL_WAIT", 10.0, minimum=0.0, maximum=60.0),
+        drain_grace=env.number("DRAIN_GRACE", 30.0, minimum=0.0, maximum=86400.0),
+        default_timeout=env.number("DEFAULT_TIMEOUT", 3600.0, minimum=1.0, maximum=7 * 86400.0),
+        kill_grace=env.number("KILL_GRACE", 5.0, minimum=0.0, maximum=600.0),
+        mock_delay=env.number("MOCK_DELAY", 0.0, minimum=0.0, maximum=3600.0),
+        mock_failure_rate=env.number("MOCK_FAILURE_RATE", 0.0, minimum=0.0, maximum=1.0),
+        mock_seed=env.integer("MOCK_SEED", 0),
+    )
+    common.finish(env, shared_env)
+    return config

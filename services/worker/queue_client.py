@@ -1,0 +1,90 @@
+"""The worker's port to the queue: the contract's calls with deadlines, as plain values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from blixard.common.v1 import job_spec_pb2
+from blixard.queue.v1 import queue_service_pb2 as qpb
+from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
+
+from services.common import pbtime
+from services.common.client import call
+
+CALL_TIMEOUT = 10.0
+
+OUTCOMES = {
+    "SUCCEEDED": job_spec_pb2.OUTCOME_SUCCEEDED,
+    "FAILED": job_spec_pb2.OUTCOME_FAILED,
+    "CANCELLED": job_spec_pb2.OUTCOME_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    job_id: str
+    generation: int
+    attempt: int
+    token: str
+    spec: job_spec_pb2.JobSpec
+    trace_context: dict[str, str]
+
+
+class QueueClient:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = qpb_grpc.QueueServiceStub(channel)
+
+    def register(self, worker_id: str, worker_type: str, slots: int) -> None:
+        call(
+            self._stub.RegisterWorker,
+            qpb.RegisterWorkerRequest(worker_id=worker_id, worker_type=worker_type, slots=slots),
+            CALL_TIMEOUT,
+        )
+
+    def claim(
+        self, worker_id: str, worker_type: str, max_items: int, lease_seconds: float, wait: float
+    ) -> list[ClaimedItem]:
+        request = qpb.ClaimRequest(
+            worker_id=worker_id,
+            worker_type=worker_type,
+            max_items=max_items,
+            lease_duration=pbtime.duration(lease_seconds),
+            wait=pbtime.duration(wait),
+        )
+        response: qpb.ClaimResponse = call(
+            self._stub.Claim,
+            request,  # type: ignore[assignment]
+            CALL_TIMEOUT + wait,
+        )
+        return [
+            ClaimedItem(
+                lease.item.job_id,
+                lease.item.generation,
+                lease.item.attempt,
+                lease.lease_token,
+                lease.item.spec,
+                dict(lease.item.trace_context),
+            )
+            for lease in response.leases
+        ]
+
+    def heartbeat(self, token: str) -> bool:
+        """Extend the lease; True when the job was cancelled."""
+        response: qpb.HeartbeatResponse = call(  # type: ignore[assignment]
+            self._stub.Heartbeat, qpb.HeartbeatRequest(lease_token=token), CALL_TIMEOUT
+        )
+        return response.cancel_requested
+
+    def complete(
+        self, token: str, outcome: str, exit_code: int | None, output_tail: str, error: str
+    ) -> None:
+        request = qpb.CompleteRequest(
+            lease_token=token, outcome=OUTCOMES[outcome], output_tail=output_tail, error=error
+        )
+        if exit_code is not None:
+            request.exit_code = exit_code
+        call(self._stub.Complete, request, CALL_TIMEOUT)
+
+    def release(self, token: str, reason: str) -> None:
+        call(self._stub.Release, qpb.ReleaseRequest(lease_token=token, reason=reason), CALL_TIMEOUT)
