@@ -3,8 +3,10 @@ auth, errors and tracing mounted on every one; stopped gracefully on SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -100,21 +102,43 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    _check_bindable(address, setting)
     try:
         port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise StartupError(
-            f"{setting}: cannot listen on {address}: the port is in use or "
-            f"the address is not local ({exc})"
-        ) from None
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise StartupError(
-            f"{setting}: cannot listen on {address}: the port is in use or the address is not local"
-        )
+        raise StartupError(f"{setting}: cannot listen on {address}")
     running = Running(server, port, health_servicer, names)
     for name in ["", *names]:
         running.set_serving(name, True)
     return running
+
+
+def _check_bindable(address: str, setting: str) -> None:
+    """Say why an address cannot be bound, in one line, before gRPC logs its own error."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit() or int(port_text) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise StartupError(
+            f"{setting}: cannot listen on {address}: the host does not resolve ({exc.strerror})"
+        ) from None
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                cause = {
+                    errno.EADDRINUSE: "the port is in use by another process",
+                    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+                    errno.EACCES: "permission denied (ports below 1024 need root)",
+                }.get(exc.errno or 0, exc.strerror or str(exc))
+                raise StartupError(f"{setting}: cannot listen on {address}: {cause}") from None
 
 
 def serve_until_signalled(running: Running, grace: float, *, banner: str = "") -> None:
