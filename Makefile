@@ -47,6 +47,10 @@ lint: $(STUBS)
 	$(BIN)/ruff format --check services tools tests bench
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
+	@# buf breaking: the contracts must stay compatible with the previous commit's.
+	@if git cat-file -e HEAD~1:protos/buf.yaml 2>/dev/null; then \
+		cd protos && ../$(BIN)/buf breaking --against '../.git#ref=HEAD~1,subdir=protos'; \
+	else echo "buf breaking: no earlier protos to compare with"; fi
 
 fmt: $(INSTALLED)
 	$(BIN)/ruff format services tools tests bench

@@ -1,0 +1,170 @@
+"""The queue manager on real stores: SQLite and PostgreSQL, one replica and two."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.common import db
+from services.common.clock import Clock
+from services.common.errors import FailedPrecondition
+from services.queue.domain import ItemState, Outcome, RetryPolicy
+from services.queue.manager import NewItem, QueueManager
+from services.queue.models import Base
+from services.queue.store import QueueStore
+
+
+def make_manager(url: str, clock: Clock | None = None) -> QueueManager:
+    engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
+    db.create_schema(engine, Base, "QUEUE_DATABASE_URL")
+    return QueueManager(
+        QueueStore(engine),
+        clock or Clock(),
+        policy=RetryPolicy(default_max_attempts=2, base_seconds=0.0, cap_seconds=0.0),
+    )
+
+
+@pytest.fixture
+def manager(database_url: str) -> QueueManager:
+    return make_manager(database_url)
+
+
+def new(
+    job_id: str, priority: int = 0, worker_types: tuple[str, ...] = (), generation: int = 1
+) -> NewItem:
+    return NewItem(
+        job_id=job_id,
+        generation=generation,
+        spec_json='{"command": ["true"]}',
+        priority=priority,
+        max_attempts=0,
+        run_at=None,
+        worker_types=worker_types,
+        labels={},
+        trace_context={},
+    )
+
+
+def test_enqueue_is_idempotent_by_job_and_generation(manager: QueueManager) -> None:
+    _, created = manager.enqueue(new("j-1"))
+    _, again = manager.enqueue(new("j-1"))
+    assert created and not again
+    assert manager.store.outbox.pending() == 1
+
+
+def test_claim_order_priority_then_fifo_and_worker_type(manager: QueueManager) -> None:
+    for job_id, priority in [("low", 0), ("high", 5), ("low-2", 0)]:
+        manager.enqueue(new(job_id, priority))
+    manager.enqueue(new("vm-only", 10, ("vm",)))
+    leases = manager.claim("w-1", "process", {}, 10, 30)
+    assert [lease.item.job_id for lease in leases] == ["high", "low", "low-2"]
+    assert [lease.item.job_id for lease in manager.claim("w-2", "vm", {}, 10, 30)] == ["vm-only"]
+
+
+def test_fencing_a_stale_token_changes_nothing(manager: QueueManager) -> None:
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w-1", "process", {}, 1, 30)
+    manager.release(lease.token, "test")
+    [second] = manager.claim("w-2", "process", {}, 1, 30)
+    with pytest.raises(FailedPrecondition) as error:
+        manager.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+    assert error.value.reason == "LEASE_NOT_HELD"
+    item = manager.get("j-1")
+    assert item.state is ItemState.LEASED and item.worker_id == "w-2"
+    manager.complete(second.token, Outcome.SUCCEEDED, 0, "ok", "")
+    assert manager.get("j-1").state is ItemState.SUCCEEDED
+
+
+def test_failures_retry_then_dead_letter(manager: QueueManager) -> None:
+    manager.enqueue(new("j-1"))
+    [first] = manager.claim("w", "process", {}, 1, 30)
+    manager.complete(first.token, Outcome.FAILED, 3, "", "")
+    assert manager.get("j-1").state is ItemState.WAITING
+    [second] = manager.claim("w", "process", {}, 1, 30)
+    assert second.item.attempt == 2
+    manager.complete(second.token, Outcome.FAILED, 3, "", "")
+    item = manager.get("j-1")
+    assert item.state is ItemState.DEAD_LETTERED and item.exit_code == 3
+    manager.redrive("j-1")
+    assert manager.get("j-1").state is ItemState.WAITING
+
+
+class SteppedClock(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def timestamp(self) -> float:
+        return super().timestamp() + self.offset
+
+
+def test_expired_leases_are_reaped(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w", "process", {}, 1, 5)
+    clock.offset = 10
+    assert manager.reap() == 1
+    item = manager.get("j-1")
+    assert item.state is ItemState.WAITING and "expired" in item.error
+    with pytest.raises(FailedPrecondition):
+        manager.heartbeat(lease.token, None)
+
+
+def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:
+    for i in range(200):
+        manager.enqueue(new(f"j-{i:03d}"))
+    claimed: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        while True:
+            leases = manager.claim(f"w-{n}", "process", {}, 4, 30)
+            if not leases:
+                return
+            with lock:
+                claimed.update(lease.item.job_id for lease in leases)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 200 and set(claimed.values()) == {1}
+
+
+def test_two_replicas_on_one_postgres_never_double_lease(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
+    url = postgres_cluster.new_database()
+    replicas = [make_manager(url), make_manager(url)]
+    for i in range(300):
+        replicas[i % 2].enqueue(new(f"j-{i:03d}"))
+    claimed: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        replica = replicas[n % 2]
+        while True:
+            leases = replica.claim(f"w-{n}", "process", {}, 8, 30)
+            if not leases:
+                return
+            for lease in leases:
+                replica.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+            with lock:
+                claimed.update(lease.item.job_id for lease in leases)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 300 and set(claimed.values()) == {1}
+    assert replicas[0].store.counts() == {"SUCCEEDED": 300}
+
+
+def test_run_at_in_the_future_is_not_claimed(manager: QueueManager) -> None:
+    item = new("later")
+    manager.enqueue(NewItem(**{**item.__dict__, "run_at": datetime.now(UTC) + timedelta(hours=1)}))
+    assert manager.claim("w", "process", {}, 1, 30) == []
