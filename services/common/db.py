@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, or_, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase
 
 from services.common.startup import StartupError
 
@@ -89,10 +88,15 @@ def _check(engine: Engine, url: str, setting: str) -> None:
         ) from None
 
 
-def create_schema(engine: Engine, base: type[DeclarativeBase], setting: str) -> None:
-    try:
-        base.metadata.create_all(engine)
-    except SQLAlchemyError as exc:
-        raise StartupError(
-            f"{setting}: cannot create the schema: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
-        ) from None
+def join_tags(tags: tuple[str, ...] | list[str]) -> str:
+    """Tags in one column, ",a,b," ("" = none), so ``has_tag`` filters in SQL."""
+    return f",{','.join(tags)}," if tags else ""
+
+
+def split_tags(column: str) -> tuple[str, ...]:
+    return tuple(tag for tag in column.split(",") if tag)
+
+
+def has_tag(column: Any, tag: str) -> Any:
+    """A SQL condition: the tag column holds ``tag`` or is empty (any)."""
+    return or_(column == "", column.contains(f",{tag},"))

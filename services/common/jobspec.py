@@ -48,6 +48,14 @@ def check_labels(labels: Mapping[str, str], field: str, problems: Problems) -> N
         )
 
 
+def check_worker_type(value: str, field: str, problems: Problems) -> None:
+    problems.check(
+        bool(_WORKER_TYPE.match(value)),
+        field,
+        "lowercase letters, digits and -, starting with a letter (at most 32)",
+    )
+
+
 def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> None:
     command = list(spec.command)
     if not command:
@@ -112,11 +120,7 @@ def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> No
         f"at most {MAX_WORKER_TYPES}",
     )
     for i, worker_type in enumerate(req.worker_types):
-        problems.check(
-            bool(_WORKER_TYPE.match(worker_type)),
-            f"{rfield}.worker_types[{i}]",
-            "lowercase letters, digits and -, starting with a letter",
-        )
+        check_worker_type(worker_type, f"{rfield}.worker_types[{i}]", problems)
     problems.check(req.vcpus <= MAX_VCPUS, f"{rfield}.vcpus", f"at most {MAX_VCPUS}")
     problems.check(
         req.memory_mb <= MAX_MEMORY_MB, f"{rfield}.memory_mb", f"at most {MAX_MEMORY_MB}"

@@ -102,7 +102,7 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    _check_bindable(address, setting)
+    check_bindable(address, setting)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
@@ -115,7 +115,7 @@ def create_server(
     return running
 
 
-def _check_bindable(address: str, setting: str) -> None:
+def check_bindable(address: str, setting: str) -> None:
     """Say why an address cannot be bound, in one line, before gRPC logs its own error."""
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]")

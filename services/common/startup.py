@@ -25,6 +25,8 @@ def configure_logging(level: str = "info") -> None:
         stream=sys.stderr,
         force=True,
     )
+    # Alembic narrates every start-up at INFO; services.common.migrations says what changed.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def run_main(program: str, main: Callable[[], int | None]) -> NoReturn:

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
-from services.common import client, db, server
+from services.common import client, db, migrations, server
 from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.outbox import Relay
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
-from services.jobs.models import Base
 from services.jobs.queue_client import GrpcQueue
 from services.jobs.relay import QueueDelivery, QueuePort
 from services.jobs.servicer import POLICY, SERVICE_NAME, JobServicer
 from services.jobs.store import JobStore
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+
 
 def build(
     config: JobsConfig, *, clock: Clock = SYSTEM_CLOCK, queue: QueuePort | None = None
 ) -> server.Running:
+    # A port in use is said before any work is done (no migration, no connection).
+    server.check_bindable(config.server.address, "JOBS_GRPC_PORT")
     engine = db.make_engine(config.database_url, setting="JOBS_DATABASE_URL")
-    db.create_schema(engine, Base, "JOBS_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "jobs_alembic_version", "JOBS_DATABASE_URL")
     store = JobStore(engine)
     manager = JobManager(store, clock)
     if queue is None:

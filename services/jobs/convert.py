@@ -8,7 +8,7 @@ from google.protobuf import json_format
 
 from services.common import pbtime, telemetry
 from services.common.errors import InvalidArgument
-from services.jobs.domain import Job, JobEvent, JobState, StatusUpdate
+from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex, StatusUpdate
 
 _STATE_TO_PB = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
 _STATE_FROM_PB = {value: state for state, value in _STATE_TO_PB.items()}
@@ -18,6 +18,28 @@ def spec_json(spec: job_spec_pb2.JobSpec) -> str:
     """The canonical form a spec is stored and compared in."""
     return json_format.MessageToJson(
         spec, sort_keys=True, indent=None, preserving_proto_field_name=True
+    )
+
+
+def spec_index(spec: job_spec_pb2.JobSpec) -> SpecIndex:
+    return SpecIndex(labels=dict(spec.labels), worker_types=tuple(spec.requirements.worker_types))
+
+
+def is_state(value: int) -> bool:
+    return value in _STATE_FROM_PB
+
+
+def job_filter(request: pb.ListJobsRequest) -> JobFilter:
+    return JobFilter(
+        states=tuple(state_from_pb(v, f"states[{i}]") for i, v in enumerate(request.states)),
+        labels=tuple(sorted(request.labels.items())),
+        worker_type=request.worker_type,
+        created_after=pbtime.from_timestamp(request.created_after)
+        if request.HasField("created_after")
+        else None,
+        created_before=pbtime.from_timestamp(request.created_before)
+        if request.HasField("created_before")
+        else None,
     )
 
 

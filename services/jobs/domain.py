@@ -54,6 +54,25 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+@dataclass(frozen=True)
+class SpecIndex:
+    """What ListJobs can filter on, copied out of the spec when a job is stored."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    worker_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What ListJobs selects: every given condition must hold."""
+
+    states: tuple[JobState, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    worker_type: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
 @dataclass
 class Job:
     job_id: str

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
 from datetime import datetime
 
 from services.common.clock import Clock
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.feed import ChangeFeed
 from services.jobs import domain
-from services.jobs.domain import Job, JobEvent, JobState, StatusUpdate
+from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex, StatusUpdate
 from services.jobs.store import DuplicateRequest, JobStore
 
 
@@ -27,7 +26,11 @@ class JobManager:
         self.feed = feed or ChangeFeed()
 
     def submit(
-        self, request_id: str | None, spec_json: str, trace_context: dict[str, str]
+        self,
+        request_id: str | None,
+        spec_json: str,
+        trace_context: dict[str, str],
+        index: SpecIndex | None = None,
     ) -> tuple[Job, bool]:
         """Store a new job and its outbox message; the same request_id gives the first job."""
         digest = spec_hash(spec_json)
@@ -48,7 +51,7 @@ class JobManager:
         )
         try:
             with self.store.transaction() as tx:
-                tx.add(job)
+                tx.add(job, index or SpecIndex())
                 tx.record(JobEvent(job.job_id, 1, JobState.PENDING, now, "client", "submitted"))
                 tx.send("enqueue", job, now)
         except DuplicateRequest:
@@ -79,10 +82,10 @@ class JobManager:
         return job
 
     def list_jobs(
-        self, page_size: int, page_token: str, states: Sequence[JobState]
+        self, page_size: int, page_token: str, where: JobFilter | None = None
     ) -> tuple[list[Job], str]:
         after = decode_page_token(page_token) if page_token else None
-        jobs = self.store.list_jobs(limit=page_size + 1, after=after, states=states)
+        jobs = self.store.list_jobs(limit=page_size + 1, after=after, where=where or JobFilter())
         if len(jobs) <= page_size:
             return jobs, ""
         jobs = jobs[:page_size]

@@ -34,6 +34,8 @@ class JobRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_sequence: Mapped[int] = mapped_column(BigInteger)
     trace_context: Mapped[str] = mapped_column(Text)
+    # ",process,vm," from spec.requirements.worker_types ("" = any), for ListJobs filters.
+    worker_types: Mapped[str] = mapped_column(String(600))
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "job_id"),
@@ -53,6 +55,18 @@ class JobEventRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str] = mapped_column(String(300))
     reason: Mapped[str] = mapped_column(Text)
+
+
+class JobLabelRow(Base):
+    """A job's labels, one row each, so ListJobs filters by label with an index."""
+
+    __tablename__ = "job_labels"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value", "job_id"),)
 
 
 class OutboxRow(OutboxMixin, Base):

@@ -11,7 +11,7 @@ from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
 from services.common import telemetry
 from services.common.auth import Policy, Role
-from services.common.jobspec import check_spec
+from services.common.jobspec import check_labels, check_spec, check_worker_type
 from services.common.validation import Problems
 from services.jobs import convert
 from services.jobs.manager import JobManager
@@ -58,7 +58,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
             check_spec(request.spec, "spec", problems)
         problems.raise_if_any()
         job, _created = self.manager.submit(
-            request.request_id, convert.spec_json(request.spec), telemetry.current_context_carrier()
+            request.request_id,
+            convert.spec_json(request.spec),
+            telemetry.current_context_carrier(),
+            convert.spec_index(request.spec),
         )
         return pb.SubmitJobResponse(job=convert.job_message(job))
 
@@ -77,15 +80,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
             "page_size",
             f"between 0 and {MAX_PAGE_SIZE} (0 = {DEFAULT_PAGE_SIZE})",
         )
-        states = []
         for i, value in enumerate(request.states):
-            if problems.check(
-                value in convert._STATE_FROM_PB, f"states[{i}]", f"{value} is not a job state"
-            ):
-                states.append(convert.state_from_pb(value))
+            problems.check(convert.is_state(value), f"states[{i}]", f"{value} is not a job state")
+        check_labels(request.labels, "labels", problems)
+        if request.worker_type:
+            check_worker_type(request.worker_type, "worker_type", problems)
+        if request.HasField("created_after") and request.HasField("created_before"):
+            problems.check(
+                request.created_after.ToNanoseconds() < request.created_before.ToNanoseconds(),
+                "created_before",
+                "must be later than created_after",
+            )
         problems.raise_if_any()
         jobs, token = self.manager.list_jobs(
-            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, states
+            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, convert.job_filter(request)
         )
         return pb.ListJobsResponse(
             jobs=[convert.job_message(j) for j in jobs], next_page_token=token
@@ -116,7 +124,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         _check_job_id(request.job_id, problems)
         problems.check(request.generation >= 1, "generation", "at least 1")
         problems.check(request.sequence >= 1, "sequence", "at least 1")
-        problems.check(request.state in convert._STATE_FROM_PB, "state", "required: a job state")
+        problems.check(convert.is_state(request.state), "state", "required: a job state")
         problems.raise_if_any()
         update = convert.status_update(request, self.manager.clock.now())
         return pb.UpdateJobStatusResponse(applied=self.manager.update_status(update))

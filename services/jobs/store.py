@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import Engine, select, tuple_, update
+from sqlalchemy import Engine, exists, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from services.common.clock import to_utc
+from services.common.db import has_tag, join_tags
 from services.common.outbox import SqlOutbox
-from services.jobs.domain import Job, JobEvent, JobState
-from services.jobs.models import JobEventRow, JobRow, OutboxRow
+from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex
+from services.jobs.models import JobEventRow, JobLabelRow, JobRow, OutboxRow
 
 
 class DuplicateRequest(Exception):
@@ -39,16 +40,20 @@ class Transaction:
         row = self.session.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
         return _job(row) if row else None
 
-    def add(self, job: Job) -> None:
-        self.session.add(_row(job))
+    def add(self, job: Job, index: SpecIndex) -> None:
+        self.session.add(JobRow(**_values(job), worker_types=join_tags(index.worker_types)))
         try:
             self.session.flush()
         except IntegrityError:
             raise DuplicateRequest(job.request_id) from None
+        self.session.add_all(
+            JobLabelRow(job_id=job.job_id, key=k, value=v) for k, v in index.labels.items()
+        )
 
     def save(self, job: Job) -> None:
-        values = {k: v for k, v in _row(job).__dict__.items() if not k.startswith("_")}
-        self.session.execute(update(JobRow).where(JobRow.job_id == job.job_id).values(**values))
+        self.session.execute(
+            update(JobRow).where(JobRow.job_id == job.job_id).values(**_values(job))
+        )
 
     def record(self, event: JobEvent) -> None:
         self.session.add(
@@ -90,11 +95,25 @@ class JobStore:
             return _job(row) if row else None
 
     def list_jobs(
-        self, *, limit: int, after: tuple[datetime, str] | None, states: Sequence[JobState]
+        self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter
     ) -> list[Job]:
+        """Jobs in creation order (keyset pagination: stable while jobs are added)."""
         query = select(JobRow).order_by(JobRow.created_at, JobRow.job_id).limit(limit)
-        if states:
-            query = query.where(JobRow.state.in_([s.value for s in states]))
+        if where.states:
+            query = query.where(JobRow.state.in_([s.value for s in where.states]))
+        if where.worker_type:
+            query = query.where(has_tag(JobRow.worker_types, where.worker_type))
+        if where.created_after is not None:
+            query = query.where(JobRow.created_at >= where.created_after)
+        if where.created_before is not None:
+            query = query.where(JobRow.created_at < where.created_before)
+        for key, value in where.labels:
+            label = aliased(JobLabelRow)
+            query = query.where(
+                exists().where(
+                    label.job_id == JobRow.job_id, label.key == key, label.value == value
+                )
+            )
         if after is not None:
             query = query.where(tuple_(JobRow.created_at, JobRow.job_id) > after)
         with self._sessions() as session:
@@ -109,8 +128,8 @@ class JobStore:
             ]
 
 
-def _row(job: Job) -> JobRow:
-    return JobRow(
+def _values(job: Job) -> dict[str, object]:
+    return dict(
         job_id=job.job_id,
         request_id=job.request_id,
         spec_json=job.spec_json,

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
-from services.common import client, db, server
+from services.common import client, db, migrations, server
 from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.outbox import Message, Relay
 from services.queue.config import QueueConfig
 from services.queue.manager import QueueManager, Reaper
-from services.queue.models import Base
 from services.queue.reporter import JobsReporter
 from services.queue.servicer import POLICY, SERVICE_NAME, QueueServicer
 from services.queue.store import QueueStore
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def build(
@@ -23,8 +25,10 @@ def build(
     clock: Clock = SYSTEM_CLOCK,
     jobs: Callable[[Message], None] | None = None,
 ) -> server.Running:
+    # A port in use is said before any work is done (no migration, no connection).
+    server.check_bindable(config.server.address, "QUEUE_GRPC_PORT")
     engine = db.make_engine(config.database_url, setting="QUEUE_DATABASE_URL")
-    db.create_schema(engine, Base, "QUEUE_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     store = QueueStore(engine)
     manager = QueueManager(store, clock, policy=config.retry, worker_timeout=config.worker_timeout)
     if jobs is None:

@@ -10,7 +10,7 @@ from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
 from services.common import pbtime
 from services.common.auth import Policy, Role
-from services.common.jobspec import check_labels, check_spec
+from services.common.jobspec import check_labels, check_spec, check_worker_type
 from services.common.validation import Problems
 from services.queue import convert
 from services.queue.manager import QueueManager
@@ -38,7 +38,6 @@ MAX_LEASE_SECONDS = 3600.0
 MAX_WAIT_SECONDS = 60.0
 MAX_TAIL_BYTES = 64 * 1024
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_WORKER_TYPE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
 
 def _check_id(value: str, field: str, problems: Problems) -> None:
@@ -50,11 +49,7 @@ def _check_id(value: str, field: str, problems: Problems) -> None:
 
 def _check_worker(worker_id: str, worker_type: str, problems: Problems) -> None:
     _check_id(worker_id, "worker_id", problems)
-    problems.check(
-        bool(_WORKER_TYPE.match(worker_type)),
-        "worker_type",
-        "required: lowercase letters, digits and -, starting with a letter",
-    )
+    check_worker_type(worker_type, "worker_type", problems)
 
 
 def _lease_seconds(

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
+from services.common.db import has_tag, join_tags, split_tags
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
@@ -64,7 +65,7 @@ class Transaction:
             .where(
                 ItemRow.state == ItemState.WAITING.value,
                 ItemRow.run_at <= now,
-                or_(ItemRow.worker_types == "", ItemRow.worker_types.contains(f",{worker_type},")),
+                has_tag(ItemRow.worker_types, worker_type),
             )
             .order_by(ItemRow.priority.desc(), ItemRow.seq, ItemRow.job_id)
             .limit(limit)
@@ -165,8 +166,7 @@ def _columns(item: Item) -> dict[str, object]:
         seq=item.seq,
         max_attempts=item.max_attempts,
         attempt=item.attempt,
-        worker_types="".join(f",{t}" for t in item.worker_types)
-        + ("," if item.worker_types else ""),
+        worker_types=join_tags(item.worker_types),
         labels=json.dumps(item.labels),
         lease_token=item.lease_token,
         lease_deadline=item.lease_deadline,
@@ -195,7 +195,7 @@ def _item(row: ItemRow) -> Item:
         seq=row.seq,
         max_attempts=row.max_attempts,
         attempt=row.attempt,
-        worker_types=tuple(t for t in row.worker_types.split(",") if t),
+        worker_types=split_tags(row.worker_types),
         labels=json.loads(row.labels),
         lease_token=row.lease_token,
         lease_deadline=to_utc(row.lease_deadline) if row.lease_deadline else None,

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common import db
+from services.common import db, migrations
 from services.common.clock import Clock
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.jobs.bootstrap import MIGRATIONS
 from services.jobs.domain import JobState, StatusUpdate
 from services.jobs.manager import JobManager
-from services.jobs.models import Base
 from services.jobs.store import JobStore
 
 SPEC = '{"command": ["true"]}'
@@ -21,7 +21,7 @@ SPEC = '{"command": ["true"]}'
 @pytest.fixture
 def manager(database_url: str) -> JobManager:
     engine = db.make_engine(database_url, setting="JOBS_DATABASE_URL")
-    db.create_schema(engine, Base, "JOBS_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "jobs_alembic_version", "JOBS_DATABASE_URL")
     return JobManager(JobStore(engine), Clock())
 
 
@@ -126,7 +126,7 @@ def test_pagination_returns_every_job_once(manager: JobManager) -> None:
     token = ""
     pages = 0
     while True:
-        jobs, token = manager.list_jobs(3, token, [])
+        jobs, token = manager.list_jobs(3, token)
         seen.extend(j.job_id for j in jobs)
         pages += 1
         if not token:

@@ -8,18 +8,18 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common import db
+from services.common import db, migrations
 from services.common.clock import Clock
 from services.common.errors import FailedPrecondition
+from services.queue.bootstrap import MIGRATIONS
 from services.queue.domain import ItemState, Outcome, RetryPolicy
 from services.queue.manager import NewItem, QueueManager
-from services.queue.models import Base
 from services.queue.store import QueueStore
 
 
 def make_manager(url: str, clock: Clock | None = None) -> QueueManager:
     engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
-    db.create_schema(engine, Base, "QUEUE_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     return QueueManager(
         QueueStore(engine),
         clock or Clock(),
