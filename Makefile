@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS := gen/.stamp
 
-.PHONY: help venv protos run test test-fast lint fmt bench clean
+.PHONY: help venv protos run test test-fast lint fmt bench migration clean
 
 help:
 	@echo "make run     start jobs, queue and VM services and a worker on SQLite under ./var/"
@@ -16,9 +16,10 @@ help:
 	@echo "make lint    ruff, mypy and buf lint"
 	@echo "make protos  generate the gRPC stubs into gen/"
 
-$(INSTALLED): requirements.txt requirements-dev.txt
+$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'blixard-dev.pth').write_text('$(CURDIR)\n$(CURDIR)/gen\n')"
 	@touch $@
 
@@ -55,6 +56,9 @@ lint: $(STUBS)
 fmt: $(INSTALLED)
 	$(BIN)/ruff format services tools tests bench
 	$(BIN)/ruff check --fix services tools tests bench
+
+migration: $(INSTALLED)
+	$(PY) -m tools.new_migration $(SERVICE) "$(MESSAGE)"
 
 clean:
 	rm -rf gen .venv var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,288 @@
+"""blixctl: submit, get, list, cancel, retry and watch jobs from a shell.
+
+Human output by default, ``--json`` (proto3 JSON, one object per line) for scripts. The
+address comes from ``--address`` or ``BLIXCTL_ADDRESS`` (default 127.0.0.1:50051), the
+token from ``BLIXARD_CLIENT_TOKEN`` when set. Exit codes: 0 success (with ``--wait`` or
+``watch``: the job SUCCEEDED), 1 the job FAILED, 3 it was CANCELLED, 2 a usage mistake,
+4 the service refused or could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import grpc
+from blixard.common.v1 import job_spec_pb2
+from blixard.jobs.v1 import jobs_service_pb2 as pb
+from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from google.protobuf import json_format
+
+from services.common import pbtime
+from services.common.client import open_channel
+from services.common.errors import describe
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_RPC = 0, 1, 2, 3, 4
+TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
+CALL_TIMEOUT = 30.0
+
+
+class UsageError(Exception):
+    pass
+
+
+def _pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for value in values or ():
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} takes KEY=VALUE, got {value!r}")
+        result[key] = rest
+    return result
+
+
+def _state(name: str) -> pb.JobState.ValueType:
+    full = name.upper() if name.upper().startswith("JOB_STATE_") else f"JOB_STATE_{name.upper()}"
+    try:
+        return pb.JobState.Value(full)
+    except ValueError:
+        names = ", ".join(n.removeprefix("JOB_STATE_").lower() for n in pb.JobState.keys()[1:])
+        raise UsageError(f"unknown state {name!r} (one of {names})") from None
+
+
+def _time(text: str, flag: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{flag} takes an ISO 8601 time, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address",
+        default=os.environ.get("BLIXCTL_ADDRESS", "127.0.0.1:50051"),
+        help="jobs service address (env BLIXCTL_ADDRESS; default 127.0.0.1:50051)",
+    )
+    common.add_argument("--json", action="store_true", help="print proto3 JSON, one per line")
+    parser = argparse.ArgumentParser(prog="blixctl", description="Blixard jobs from a shell.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser(
+        "submit", parents=[common], help="submit a job: blixctl submit -- CMD ARGS..."
+    )
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
+    submit.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    submit.add_argument("--env", action="append", metavar="KEY=VALUE")
+    submit.add_argument("--cwd", default="", help="working directory")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--max-attempts", type=int, default=0)
+    submit.add_argument("--timeout", type=float, help="seconds per attempt")
+    submit.add_argument("--label", action="append", metavar="KEY=VALUE")
+    submit.add_argument("--worker-type", action="append", default=[])
+    submit.add_argument("--run-at", help="do not start before (ISO 8601)")
+    submit.add_argument("--wait", action="store_true", help="wait for the end; exit by state")
+
+    for name, text in (
+        ("get", "show a job"),
+        ("cancel", "cancel a job"),
+        ("retry", "retry a failed or cancelled job"),
+        ("watch", "follow a job until it ends; exit by state"),
+        ("events", "a job's history"),
+    ):
+        command = commands.add_parser(name, parents=[common], help=text)
+        command.add_argument("job_id")
+        if name == "cancel":
+            command.add_argument("--reason", default="")
+
+    listing = commands.add_parser("list", parents=[common], help="list jobs, oldest first")
+    listing.add_argument("--state", action="append", default=[])
+    listing.add_argument("--label", action="append", metavar="KEY=VALUE")
+    listing.add_argument("--worker-type", default="")
+    listing.add_argument("--created-after")
+    listing.add_argument("--created-before")
+    listing.add_argument("--page-size", type=int, default=100)
+    listing.add_argument("--page-token", default="")
+    listing.add_argument("--all", action="store_true", help="follow every page")
+    return parser
+
+
+class Cli:
+    def __init__(self, stub: pb_grpc.JobServiceStub, as_json: bool) -> None:
+        self.stub = stub
+        self.as_json = as_json
+
+    # ---- output -----------------------------------------------------------------------
+
+    def emit(self, message: object) -> None:
+        print(json_format.MessageToJson(message, indent=None), flush=True)  # type: ignore[arg-type]
+
+    def show(self, job: pb.Job) -> None:
+        if self.as_json:
+            self.emit(job)
+            return
+        rows = [
+            ("job", job.job_id),
+            ("state", _name(job.state)),
+            ("command", " ".join(job.spec.command)),
+            ("attempts", str(job.attempts)),
+            ("exit code", str(job.exit_code) if job.HasField("exit_code") else "-"),
+            ("error", job.error or "-"),
+            ("worker", job.worker_id or "-"),
+            ("created", _when(job.create_time)),
+            ("started", _when(job.start_time) if job.HasField("start_time") else "-"),
+            ("ended", _when(job.end_time) if job.HasField("end_time") else "-"),
+        ]
+        for key, value in rows:
+            print(f"{key + ':':<10} {value}")
+        if job.output_tail:
+            print("output:")
+            print(job.output_tail, end="" if job.output_tail.endswith("\n") else "\n")
+
+    # ---- commands ---------------------------------------------------------------------
+
+    def submit(self, args: argparse.Namespace) -> int:
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            raise UsageError("submit needs a command: blixctl submit -- CMD ARGS...")
+        spec = job_spec_pb2.JobSpec(
+            command=argv,
+            env=_pairs(args.env, "--env"),
+            working_directory=args.cwd,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            labels=_pairs(args.label, "--label"),
+        )
+        if args.worker_type:
+            spec.requirements.worker_types.extend(args.worker_type)
+        if args.timeout is not None:
+            spec.requirements.timeout.CopyFrom(pbtime.duration(args.timeout))
+        if args.run_at:
+            spec.run_at.FromDatetime(_time(args.run_at, "--run-at"))
+        request = pb.SubmitJobRequest(request_id=args.request_id or str(uuid.uuid4()), spec=spec)
+        job = self.stub.SubmitJob(request, timeout=CALL_TIMEOUT).job
+        if not args.wait:
+            if self.as_json:
+                self.emit(job)
+            else:
+                print(job.job_id)
+            return EXIT_OK
+        return self._follow(job.job_id, quiet=not self.as_json)
+
+    def get(self, args: argparse.Namespace) -> int:
+        self.show(self.stub.GetJob(pb.GetJobRequest(job_id=args.job_id), timeout=CALL_TIMEOUT).job)
+        return EXIT_OK
+
+    def cancel(self, args: argparse.Namespace) -> int:
+        request = pb.CancelJobRequest(job_id=args.job_id, reason=args.reason)
+        self.show(self.stub.CancelJob(request, timeout=CALL_TIMEOUT).job)
+        return EXIT_OK
+
+    def retry(self, args: argparse.Namespace) -> int:
+        request = pb.RetryJobRequest(job_id=args.job_id)
+        self.show(self.stub.RetryJob(request, timeout=CALL_TIMEOUT).job)
+        return EXIT_OK
+
+    def watch(self, args: argparse.Namespace) -> int:
+        return self._follow(args.job_id, quiet=False)
+
+    def events(self, args: argparse.Namespace) -> int:
+        request = pb.ListJobEventsRequest(job_id=args.job_id)
+        for event in self.stub.ListJobEvents(request, timeout=CALL_TIMEOUT).events:
+            if self.as_json:
+                self.emit(event)
+            else:
+                print(
+                    f"{_when(event.event_time)}  gen {event.generation}  "
+                    f"{_name(event.state):<10} {event.actor:<24} {event.reason}"
+                )
+        return EXIT_OK
+
+    def list(self, args: argparse.Namespace) -> int:
+        request = pb.ListJobsRequest(
+            page_size=args.page_size,
+            page_token=args.page_token,
+            states=[_state(s) for s in args.state],
+            labels=_pairs(args.label, "--label"),
+            worker_type=args.worker_type,
+        )
+        if args.created_after:
+            request.created_after.FromDatetime(_time(args.created_after, "--created-after"))
+        if args.created_before:
+            request.created_before.FromDatetime(_time(args.created_before, "--created-before"))
+        if not self.as_json:
+            print(
+                f"{'JOB ID':<36}  {'STATE':<10} {'TRIES':>5} {'EXIT':>4}  {'CREATED':<19}  COMMAND"
+            )
+        for job in self._pages(request, args.all):
+            if self.as_json:
+                self.emit(job)
+            else:
+                exit_code = str(job.exit_code) if job.HasField("exit_code") else "-"
+                print(
+                    f"{job.job_id:<36}  {_name(job.state):<10} {job.attempts:>5} "
+                    f"{exit_code:>4}  {_when(job.create_time):<19}  {' '.join(job.spec.command)}"
+                )
+        return EXIT_OK
+
+    def _pages(self, request: pb.ListJobsRequest, every: bool) -> Iterator[pb.Job]:
+        while True:
+            response = self.stub.ListJobs(request, timeout=CALL_TIMEOUT)
+            yield from response.jobs
+            if not every or not response.next_page_token:
+                if response.next_page_token and not self.as_json:
+                    print(f"(more: --page-token {response.next_page_token})", file=sys.stderr)
+                return
+            request.page_token = response.next_page_token
+
+    def _follow(self, job_id: str, *, quiet: bool) -> int:
+        last = None
+        for update in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            last = update.job
+            if self.as_json:
+                self.emit(last)
+            elif not quiet and last.state not in TERMINAL:
+                print(f"{_when(last.update_time)}  {_name(last.state)}", flush=True)
+        if last is None:
+            return EXIT_RPC
+        if not self.as_json:
+            self.show(last)
+        return {pb.JOB_STATE_SUCCEEDED: EXIT_OK, pb.JOB_STATE_CANCELLED: EXIT_CANCELLED}.get(
+            last.state, EXIT_FAILED
+        )
+
+
+def _name(state: int) -> str:
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def _when(stamp: object) -> str:
+    value = pbtime.from_timestamp(stamp)  # type: ignore[arg-type]
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    channel = open_channel(args.address, os.environ.get("BLIXARD_CLIENT_TOKEN") or None)
+    cli = Cli(pb_grpc.JobServiceStub(channel), args.json)
+    try:
+        return int(getattr(cli, args.command)(args))
+    except UsageError as exc:
+        print(f"blixctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as exc:
+        failure = describe(exc)
+        print(f"blixctl: {failure}", file=sys.stderr)
+        for field, description in failure.field_violations:
+            print(f"  {field}: {description}", file=sys.stderr)
+        return EXIT_RPC
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        channel.close()
