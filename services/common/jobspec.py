@@ -7,7 +7,9 @@ import re
 from collections.abc import Mapping
 
 from blixard.common.v1 import job_spec_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.common import pbtime
 from services.common.validation import Problems
 
 MAX_ARGS = 1024
@@ -46,6 +48,16 @@ def check_labels(labels: Mapping[str, str], field: str, problems: Problems) -> N
             f"{field}[{key}]",
             f"label values are at most {MAX_LABEL_VALUE} characters",
         )
+
+
+def check_timestamp(message: timestamp_pb2.Timestamp, field: str, problems: Problems) -> bool:
+    problem = pbtime.timestamp_problem(message)
+    return problems.check(problem is None, field, f"not a valid time: {problem}")
+
+
+def check_duration(message: duration_pb2.Duration, field: str, problems: Problems) -> bool:
+    problem = pbtime.duration_problem(message)
+    return problems.check(problem is None, field, f"not a valid duration: {problem}")
 
 
 def check_worker_type(value: str, field: str, problems: Problems) -> None:
@@ -125,7 +137,7 @@ def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> No
     problems.check(
         req.memory_mb <= MAX_MEMORY_MB, f"{rfield}.memory_mb", f"at most {MAX_MEMORY_MB}"
     )
-    if req.HasField("timeout"):
+    if req.HasField("timeout") and check_duration(req.timeout, f"{rfield}.timeout", problems):
         seconds = req.timeout.seconds + req.timeout.nanos / 1e9
         problems.check(
             0 < seconds <= MAX_TIMEOUT_SECONDS,
@@ -133,3 +145,5 @@ def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> No
             f"positive and at most {MAX_TIMEOUT_SECONDS} seconds",
         )
     check_labels(req.labels, f"{rfield}.labels", problems)
+    if spec.HasField("run_at"):
+        check_timestamp(spec.run_at, f"{field}.run_at", problems)

@@ -11,7 +11,12 @@ from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
 from services.common import telemetry
 from services.common.auth import Policy, Role
-from services.common.jobspec import check_labels, check_spec, check_worker_type
+from services.common.jobspec import (
+    check_labels,
+    check_spec,
+    check_timestamp,
+    check_worker_type,
+)
 from services.common.validation import Problems
 from services.jobs import convert
 from services.jobs.manager import JobManager
@@ -85,7 +90,18 @@ class JobServicer(pb_grpc.JobServiceServicer):
         check_labels(request.labels, "labels", problems)
         if request.worker_type:
             check_worker_type(request.worker_type, "worker_type", problems)
-        if request.HasField("created_after") and request.HasField("created_before"):
+        valid_bounds = all(
+            [  # a list, not a generator: every bad bound is reported
+                check_timestamp(getattr(request, name), name, problems)
+                for name in ("created_after", "created_before")
+                if request.HasField(name)
+            ]
+        )
+        if (
+            valid_bounds
+            and request.HasField("created_after")
+            and request.HasField("created_before")
+        ):
             problems.check(
                 request.created_after.ToNanoseconds() < request.created_before.ToNanoseconds(),
                 "created_before",
@@ -125,6 +141,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         problems.check(request.generation >= 1, "generation", "at least 1")
         problems.check(request.sequence >= 1, "sequence", "at least 1")
         problems.check(convert.is_state(request.state), "state", "required: a job state")
+        if request.HasField("event_time"):
+            check_timestamp(request.event_time, "event_time", problems)
         problems.raise_if_any()
         update = convert.status_update(request, self.manager.clock.now())
         return pb.UpdateJobStatusResponse(applied=self.manager.update_status(update))
