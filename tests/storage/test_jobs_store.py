@@ -11,16 +11,24 @@ from services.common import db, migrations
 from services.common.clock import Clock
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.jobs.bootstrap import MIGRATIONS
-from services.jobs.domain import JobState, StatusUpdate
+from services.jobs.domain import JobFilter, JobState, SpecIndex, StatusUpdate
+from services.jobs.fakes import FakeJobStore
 from services.jobs.manager import JobManager
 from services.jobs.store import JobStore
 
 SPEC = '{"command": ["true"]}'
 
 
-@pytest.fixture
-def manager(database_url: str) -> JobManager:
-    engine = db.make_engine(database_url, setting="JOBS_DATABASE_URL")
+@pytest.fixture(params=["fake", "sqlite", "postgresql"])
+def manager(request: pytest.FixtureRequest, tmp_path) -> JobManager:  # type: ignore[no-untyped-def]
+    """The same contract on the in-memory fake, real SQLite and real PostgreSQL."""
+    if request.param == "fake":
+        return JobManager(FakeJobStore(), Clock())  # type: ignore[arg-type]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/jobs.sqlite3"
+    else:
+        url = request.getfixturevalue("postgres_cluster").new_database()
+    engine = db.make_engine(url, setting="JOBS_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "jobs_alembic_version", "JOBS_DATABASE_URL")
     return JobManager(JobStore(engine), Clock())
 
@@ -146,3 +154,34 @@ def test_outbox_postpone_and_delivery(manager: JobManager) -> None:
     assert later.attempts == 1
     manager.store.outbox.delivered(later.id)
     assert manager.store.outbox.pending() == 0
+
+
+def test_filters_by_state_label_worker_type_and_time(manager: JobManager) -> None:
+    infra, _ = manager.submit(None, SPEC, {}, SpecIndex({"team": "infra"}, ("vm",)))
+    web, _ = manager.submit(None, SPEC, {}, SpecIndex({"team": "web"}, ()))
+    manager.cancel(web.job_id, "")
+
+    def ids(where: JobFilter) -> list[str]:
+        return [j.job_id for j in manager.list_jobs(100, "", where)[0]]
+
+    assert ids(JobFilter(labels=(("team", "infra"),))) == [infra.job_id]
+    assert ids(JobFilter(states=(JobState.CANCELLED,))) == [web.job_id]
+    # a job naming no worker type may run on any
+    assert ids(JobFilter(worker_type="vm")) == [infra.job_id, web.job_id]
+    assert ids(JobFilter(worker_type="process")) == [web.job_id]
+    assert ids(JobFilter(created_before=infra.created_at)) == []
+    assert ids(JobFilter(created_after=web.created_at)) == [web.job_id]
+    assert ids(JobFilter(labels=(("team", "infra"),), states=(JobState.CANCELLED,))) == []
+
+
+def test_a_failed_use_case_changes_nothing(manager: JobManager) -> None:
+    job, _ = manager.submit(None, SPEC, {})
+    with pytest.raises(RuntimeError), manager.store.transaction() as tx:
+        stored = tx.get(job.job_id, for_update=True)
+        assert stored is not None
+        stored.state = JobState.RUNNING
+        tx.save(stored)
+        tx.send("cancel", stored, stored.created_at)
+        raise RuntimeError("the store failed mid-transaction")
+    assert manager.get(job.job_id).state is JobState.PENDING
+    assert manager.store.outbox.pending() == 1

@@ -1,0 +1,145 @@
+"""An in-memory jobs store with the same contract as ``JobStore``, for unit tests.
+
+Transactions are serialised by one lock and atomic: a use case that raises leaves the
+store exactly as it was. tests/storage runs the same contract tests against this, SQLite
+and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from services.common.outbox import Message
+from services.jobs.domain import Job, JobEvent, JobFilter, SpecIndex
+from services.jobs.store import DuplicateRequest
+
+
+@dataclass
+class _State:
+    jobs: dict[str, Job] = field(default_factory=dict)
+    by_request: dict[str, str] = field(default_factory=dict)
+    index: dict[str, SpecIndex] = field(default_factory=dict)
+    events: list[JobEvent] = field(default_factory=list)
+    outbox: dict[int, tuple[Message, datetime]] = field(default_factory=dict)
+
+
+class FakeOutbox:
+    def __init__(self, store: FakeJobStore) -> None:
+        self._store = store
+        self._ids = itertools.count(1)
+
+    def add(
+        self, state: _State, topic: str, key: str, payload: dict[str, Any], now: datetime
+    ) -> None:
+        message_id = next(self._ids)
+        state.outbox[message_id] = (Message(message_id, topic, key, dict(payload), 0), now)
+
+    def due(self, now: datetime, limit: int) -> list[Message]:
+        with self._store.lock:
+            due = [
+                m
+                for m, at in sorted(self._store.state.outbox.values(), key=lambda e: e[0].id)
+                if at <= now
+            ]
+            return copy.deepcopy(due[:limit])
+
+    def delivered(self, message_id: int) -> None:
+        with self._store.lock:
+            self._store.state.outbox.pop(message_id, None)
+
+    def postpone(self, message_id: int, until: datetime, error: str) -> None:
+        with self._store.lock:
+            entry = self._store.state.outbox.get(message_id)
+            if entry is not None:
+                message = replace(entry[0], attempts=entry[0].attempts + 1)
+                self._store.state.outbox[message_id] = (message, until)
+
+    def pending(self) -> int:
+        with self._store.lock:
+            return len(self._store.state.outbox)
+
+
+class FakeTransaction:
+    def __init__(self, state: _State, outbox: FakeOutbox) -> None:
+        self.state = state
+        self._outbox = outbox
+
+    def get(self, job_id: str, *, for_update: bool = False) -> Job | None:
+        job = self.state.jobs.get(job_id)
+        return copy.deepcopy(job) if job else None
+
+    def by_request_id(self, request_id: str) -> Job | None:
+        job_id = self.state.by_request.get(request_id)
+        return self.get(job_id) if job_id else None
+
+    def add(self, job: Job, index: SpecIndex) -> None:
+        if job.request_id is not None and job.request_id in self.state.by_request:
+            raise DuplicateRequest(job.request_id)
+        self.state.jobs[job.job_id] = copy.deepcopy(job)
+        self.state.index[job.job_id] = index
+        if job.request_id is not None:
+            self.state.by_request[job.request_id] = job.job_id
+
+    def save(self, job: Job) -> None:
+        self.state.jobs[job.job_id] = copy.deepcopy(job)
+
+    def record(self, event: JobEvent) -> None:
+        self.state.events.append(event)
+
+    def send(self, topic: str, job: Job, now: datetime) -> None:
+        self._outbox.add(
+            self.state, topic, job.job_id, {"job_id": job.job_id, "generation": job.generation}, now
+        )
+
+
+class FakeJobStore:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.state = _State()
+        self.outbox = FakeOutbox(self)
+
+    @contextmanager
+    def transaction(self) -> Iterator[FakeTransaction]:
+        with self.lock:
+            working = copy.deepcopy(self.state)
+            yield FakeTransaction(working, self.outbox)
+            self.state = working  # only reached when the use case did not raise
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            job = self.state.jobs.get(job_id)
+            return copy.deepcopy(job) if job else None
+
+    def list_jobs(
+        self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter
+    ) -> list[Job]:
+        with self.lock:
+            jobs = sorted(self.state.jobs.values(), key=lambda j: (j.created_at, j.job_id))
+            chosen = [copy.deepcopy(j) for j in jobs if self._matches(j, after, where)]
+        return chosen[:limit]
+
+    def _matches(self, job: Job, after: tuple[datetime, str] | None, where: JobFilter) -> bool:
+        index = self.state.index[job.job_id]
+        return (
+            (after is None or (job.created_at, job.job_id) > after)
+            and (not where.states or job.state in where.states)
+            and (
+                not where.worker_type
+                or not index.worker_types
+                or where.worker_type in index.worker_types
+            )
+            and (where.created_after is None or job.created_at >= where.created_after)
+            and (where.created_before is None or job.created_at < where.created_before)
+            and all(index.labels.get(k) == v for k, v in where.labels)
+        )
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        with self.lock:
+            return [e for e in self.state.events if e.job_id == job_id]
