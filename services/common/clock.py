@@ -33,8 +33,11 @@ class Clock:
         try:
             reading = float(self._wall())
         except (OSError, OverflowError, ValueError) as exc:
-            reading = math.nan
-            log.warning("the wall clock could not be read (%s); using the last good time", exc)
+            with self._lock:
+                self._warn_once(
+                    f"the wall clock could not be read ({exc}); using the last good time"
+                )
+                return self._last
         with self._lock:
             if not math.isfinite(reading) or reading < 0:
                 self._warn_once(

@@ -38,8 +38,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
     ),
     JobState.SUCCEEDED: frozenset(),
-    # RetryJob starts a new generation.
-    JobState.FAILED: frozenset({JobState.PENDING}),
+    # RetryJob starts a new generation; a redrive of the dead letter requeues this one.
+    JobState.FAILED: frozenset({JobState.PENDING, JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.PENDING}),
 }
 
@@ -91,6 +91,9 @@ class Job:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     last_sequence: int = 0
+    # Attempts made before the queue's current count began (earlier generations, or
+    # before a redrive reset it): attempts = attempts_base + the queue's attempt number.
+    attempts_base: int = 0
     trace_context: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,6 +161,7 @@ def retry(job: Job, now: datetime, actor: str) -> JobEvent:
         )
     _move(job, JobState.PENDING, now)
     job.generation += 1
+    job.attempts_base = job.attempts
     job.last_sequence = 0
     job.exit_code = None
     job.output_tail = ""
@@ -177,25 +181,26 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
     if update.generation != job.generation or update.sequence <= job.last_sequence:
         return None
     job.last_sequence = update.sequence
-    if job.state.terminal:
-        if update.state.terminal and job.state is JobState.CANCELLED:
+    if update.state is JobState.PENDING or not can_move(job.state, update.state):
+        if job.state is JobState.CANCELLED and update.state.terminal:
             # The worker's last word on a cancelled job: keep what it saw.
-            _record_result(job, update)
+            _record_result(job, update, keep_error=True)
             job.updated_at = update.at
         return None
-    if not can_move(job.state, update.state):
-        return None
+    if job.state is JobState.FAILED:  # redriven: the queue counts attempts from zero again
+        job.attempts_base = job.attempts
     _move(job, update.state, update.at)
     if update.state is JobState.RUNNING:
-        job.attempts += 1
+        job.attempts = job.attempts_base + max(update.attempt, 1)
         job.worker_id = update.worker_id
         job.started_at = update.at
         job.ended_at = None
     elif update.state is JobState.QUEUED:
+        job.ended_at = None
         if update.error:
             job.error = update.error
     else:
-        _record_result(job, update)
+        _record_result(job, update, keep_error=False)
         job.ended_at = update.at
     return JobEvent(
         job.job_id,
@@ -207,12 +212,14 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
     )
 
 
-def _record_result(job: Job, update: StatusUpdate) -> None:
+def _record_result(job: Job, update: StatusUpdate, *, keep_error: bool) -> None:
+    """The attempt's end. Its error replaces an earlier attempt's (a success clears it);
+    on a cancelled job the cancel's reason stays."""
     if update.exit_code is not None:
         job.exit_code = update.exit_code
     if update.output_tail:
         job.output_tail = update.output_tail
-    if update.error:
+    if not keep_error:
         job.error = update.error
     if update.worker_id:
         job.worker_id = update.worker_id

@@ -24,6 +24,7 @@ class JobRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     generation: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer)
+    attempts_base: Mapped[int] = mapped_column(Integer)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     output_tail: Mapped[str] = mapped_column(Text)
     error: Mapped[str] = mapped_column(Text)

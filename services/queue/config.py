@@ -37,6 +37,11 @@ def load(environ: Mapping[str, str] | None = None) -> QueueConfig:
         reap_interval=env.number("REAP_INTERVAL", 1.0, minimum=0.05, maximum=600.0),
         worker_timeout=env.number("WORKER_TIMEOUT", 30.0, minimum=1.0, maximum=86400.0),
     )
+    if config.retry.base_seconds > config.retry.cap_seconds:
+        env.problems.append(
+            f"QUEUE_RETRY_BASE_SECONDS={config.retry.base_seconds:g} is above "
+            f"QUEUE_RETRY_CAP_SECONDS={config.retry.cap_seconds:g}"
+        )
     common.check_auth_binding(env, server, shared.tokens)
     common.finish(env, shared_env)
     return config

@@ -174,12 +174,16 @@ def fail_attempt(
     exit_code: int | None = None,
     output_tail: str = "",
 ) -> Report:
-    """The attempt failed: wait for a retry after a backoff, or dead-letter."""
+    """The attempt failed: wait for a retry after a backoff, or dead-letter; a job
+    cancelled meanwhile ends CANCELLED and never runs again."""
     _end_lease(item)
     item.exit_code = exit_code
     item.output_tail = output_tail
     item.error = error
     item.updated_at = now
+    if item.cancel_requested:
+        item.state = ItemState.CANCELLED
+        return _report(item, "CANCELLED", now, f"cancelled; attempt {item.attempt}: {error}")
     if item.attempt >= item.max_attempts:
         item.state = ItemState.DEAD_LETTERED
         return _report(
@@ -225,8 +229,12 @@ def complete(
 
 
 def release(item: Item, reason: str, now: datetime) -> Report:
-    """Give the item back without counting the attempt."""
+    """Give the item back without counting the attempt (a cancelled one ends instead)."""
     _end_lease(item)
+    item.updated_at = now
+    if item.cancel_requested:
+        item.state = ItemState.CANCELLED
+        return _report(item, "CANCELLED", now, "cancelled; the lease was released")
     item.state = ItemState.WAITING
     item.attempt = max(0, item.attempt - 1)
     item.run_at = now
@@ -267,10 +275,5 @@ def redrive(item: Item, now: datetime) -> Report:
 
 
 def expire(item: Item, now: datetime, policy: RetryPolicy, why: str) -> Report:
-    """The lease ran out (or its worker went offline)."""
-    if item.cancel_requested:
-        _end_lease(item)
-        item.state = ItemState.CANCELLED
-        item.updated_at = now
-        return _report(item, "CANCELLED", now, f"cancelled; {why}")
+    """The lease ran out (or its worker went offline): a failed attempt."""
     return fail_attempt(item, why, now, policy)

@@ -69,12 +69,14 @@ class OutputTail:
             self.total += len(chunk)
             self._chunks.append(chunk)
             self._kept += len(chunk)
-            while self._kept - len(self._chunks[0]) >= self.limit:
+            while self._chunks and self._kept - len(self._chunks[0]) >= self.limit:
                 self._kept -= len(self._chunks.popleft())
 
     def text(self) -> str:
         with self._lock:
             data = b"".join(self._chunks)[-self.limit :]
+        if self.limit <= 0:
+            return ""
         text = data.decode("utf-8", errors="replace")
         # Replacement characters take 3 bytes: keep the promise of at most ``limit`` bytes.
         return text.encode()[-self.limit :].decode("utf-8", errors="ignore")

@@ -10,11 +10,16 @@ import time
 from tests.deployment import ROOT, Deployment
 
 
-def blixctl(deployment: Deployment, *args: str, timeout: float = 60
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args[:1],
-                           "--address", deployment.jobs, *args[1:]],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def blixctl(
+    deployment: Deployment, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args[:1], "--address", deployment.jobs, *args[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_submit_wait_exits_zero_and_shows_the_output(deployment: Deployment) -> None:
@@ -25,15 +30,15 @@ def test_submit_wait_exits_zero_and_shows_the_output(deployment: Deployment) -> 
 
 
 def test_submit_wait_exits_one_when_the_job_fails(deployment: Deployment) -> None:
-    result = blixctl(deployment, "submit", "--wait", "--max-attempts", "1", "--",
-                     "sh", "-c", "exit 7")
+    result = blixctl(
+        deployment, "submit", "--wait", "--max-attempts", "1", "--", "sh", "-c", "exit 7"
+    )
     assert result.returncode == 1
     assert "exit code: 7" in result.stdout
 
 
 def test_json_output_is_proto3_json_a_script_can_read(deployment: Deployment) -> None:
-    submitted = blixctl(deployment, "submit", "--json", "--label", "team=infra",
-                        "--", "true")
+    submitted = blixctl(deployment, "submit", "--json", "--label", "team=infra", "--", "true")
     job = json.loads(submitted.stdout)
     assert job["state"] == "JOB_STATE_PENDING" and job["spec"]["labels"] == {"team": "infra"}
     watched = blixctl(deployment, "watch", "--json", job["jobId"])
@@ -54,8 +59,9 @@ def test_cancel_then_watch_exits_three(deployment: Deployment) -> None:
 
 
 def test_retry_starts_a_new_generation(deployment: Deployment) -> None:
-    job_id = blixctl(deployment, "submit", "--max-attempts", "1", "--",
-                     "sh", "-c", "exit 1").stdout.strip()
+    job_id = blixctl(
+        deployment, "submit", "--max-attempts", "1", "--", "sh", "-c", "exit 1"
+    ).stdout.strip()
     assert blixctl(deployment, "watch", job_id).returncode == 1
     retried = blixctl(deployment, "retry", "--json", job_id)
     assert json.loads(retried.stdout)["generation"] == 2

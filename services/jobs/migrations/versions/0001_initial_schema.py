@@ -60,6 +60,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("generation", sa.Integer(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("attempts_base", sa.Integer(), nullable=False),
         sa.Column("exit_code", sa.Integer(), nullable=True),
         sa.Column("output_tail", sa.Text(), nullable=False),
         sa.Column("error", sa.Text(), nullable=False),
