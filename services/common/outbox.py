@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     delete,
     func,
+    insert,
     select,
 )
 from sqlalchemy import update as sql_update
@@ -66,6 +67,27 @@ class SqlOutbox:
     def __init__(self, engine: Engine, row: type[OutboxMixin]) -> None:
         self._row: Any = row
         self._sessions = sessionmaker(engine)
+
+    def add_many(
+        self, session: Session, messages: list[tuple[str, str, dict[str, Any], datetime]]
+    ) -> None:
+        """Several messages in one statement: (topic, key, payload, now) each."""
+        if messages:
+            session.execute(
+                insert(self._row),
+                [
+                    dict(
+                        topic=t,
+                        key=k,
+                        payload=json.dumps(p),
+                        created_at=now,
+                        next_attempt_at=now,
+                        attempts=0,
+                        last_error="",
+                    )
+                    for t, k, p, now in messages
+                ],
+            )
 
     def add(
         self, session: Session, topic: str, key: str, payload: dict[str, Any], now: datetime

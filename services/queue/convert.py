@@ -10,6 +10,7 @@ from blixard.queue.v1 import queue_service_pb2 as pb
 from google.protobuf import json_format
 
 from services.common import pbtime
+from services.common.errors import BlixardError
 from services.queue.domain import Item, ItemState, Outcome, Report, Worker, WorkerState
 from services.queue.manager import Lease, NewItem
 
@@ -64,6 +65,16 @@ def item_message(item: Item) -> pb.WorkItem:
     if item.exit_code is not None:
         message.exit_code = item.exit_code
     return message
+
+
+def batch_result(result: Item | BlixardError) -> pb.BatchCompleteResult:
+    if isinstance(result, BlixardError):
+        return pb.BatchCompleteResult(
+            error=pb.BatchCompleteError(
+                code=result.code.value[0], reason=result.reason, message=result.message
+            )
+        )
+    return pb.BatchCompleteResult(item=item_message(result))
 
 
 def lease_message(lease: Lease) -> pb.Lease:

@@ -11,9 +11,10 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from services.common.clock import Clock
-from services.common.errors import Aborted, NotFound
+from services.common.errors import Aborted, BlixardError, NotFound
 from services.common.feed import ChangeFeed
 from services.queue import domain
+from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
     Item,
     ItemState,
@@ -48,7 +49,21 @@ class Lease:
     deadline: datetime
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One Complete of a batch."""
+
+    token: str
+    outcome: Outcome
+    exit_code: int | None = None
+    output_tail: str = ""
+    error: str = ""
+
+
 class QueueManager:
+    """The use cases. Item writes go to the store first and reach the cache only once
+    committed; claims take their items from the cache (see cache.py)."""
+
     def __init__(
         self,
         store: QueueStore,
@@ -57,6 +72,7 @@ class QueueManager:
         policy: RetryPolicy | None = None,
         worker_timeout: float = 30.0,
         feed: ChangeFeed | None = None,
+        cache: ItemCache | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -64,17 +80,52 @@ class QueueManager:
         self.worker_timeout = worker_timeout
         self.feed = feed or ChangeFeed()
         self._stop = threading.Event()
+        if cache is None:
+            cache = ItemCache()
+            cache.load(store.live_items())
+        self.cache = cache
 
-    def _in_transaction(self, work: Callable[[Transaction], T], attempts: int = 5) -> T:
-        """Run ``work`` in one transaction; a version conflict is retried a few times."""
+    # ---- the two halves of every write ------------------------------------------------
+
+    def _write(
+        self,
+        work: Callable[[Transaction], T],
+        touched: Callable[[T], list[Item]],
+        job_ids: list[str],
+        attempts: int = 5,
+    ) -> T:
+        """Run ``work`` in one store transaction; once it committed, the cache takes the
+        items it wrote. If it failed, the items it may have touched are read back from
+        the store (a failure after the database committed must not leave a ghost)."""
         for attempt in range(attempts):
             try:
                 with self.store.transaction() as tx:
-                    return work(tx)
+                    result = work(tx)
             except Aborted:
+                self.refresh(job_ids)
                 if attempt == attempts - 1:
                     raise
+                continue
+            except BaseException:
+                self.refresh(job_ids)
+                raise
+            for item in touched(result):
+                self.cache.apply(item)
+            return result
         raise AssertionError("unreachable")
+
+    def refresh(self, job_ids: list[str]) -> None:
+        """Make the cache's view of these items the store's, if the store can be read."""
+        for job_id in job_ids:
+            try:
+                item = self.store.get(job_id)
+            except Exception:
+                log.warning("cannot read item %s back from the store", job_id, exc_info=True)
+                continue
+            if item is None:
+                self.cache.forget(job_id)
+            else:
+                self.cache.apply(item)
 
     # ---- enqueue ----------------------------------------------------------------------
 
@@ -106,7 +157,7 @@ class QueueManager:
                 tx.save(item, existing.version)
             return item, True
 
-        item, created = self._in_transaction(work)
+        item, created = self._write(work, lambda r: [r[0]], [new.job_id])
         if created:
             self.feed.changed()
         return item, created
@@ -122,6 +173,9 @@ class QueueManager:
         lease_seconds: float,
         wait_seconds: float = 0.0,
     ) -> list[Lease]:
+        worker = self._touch_worker(worker_id, worker_type, labels)
+        if worker.state is WorkerState.DRAINING:
+            return []
         deadline = self.clock.monotonic() + wait_seconds
         while True:
             seen = self.feed.version
@@ -140,52 +194,68 @@ class QueueManager:
         max_items: int,
         lease_seconds: float,
     ) -> list[Lease]:
-        def work(tx: Transaction) -> list[Lease]:
-            now = self.clock.now()
-            worker = self._seen(tx, worker_id, worker_type, labels, now)
-            if worker.state is WorkerState.DRAINING:
+        now = self.clock.now()
+        staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp())
+        if not staged:
+            # Nothing here: pick up what another replica enqueued, then look again.
+            self.cache.load(self.store.waiting(worker_type, now, max(4 * max_items, 64)))
+            staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp())
+            if not staged:
                 return []
-            leases: list[Lease] = []
-            for item in tx.available(worker_type, now, max_items * 4):
-                if len(leases) == max_items:
-                    break
-                if not item.accepts(worker_type, labels):
-                    continue
-                version = item.version
-                report = domain.lease(item, worker_id, lease_seconds, now)
-                tx.save(item, version)
-                tx.report(report)
-                assert item.lease_token and item.lease_deadline
-                leases.append(Lease(item, item.lease_token, item.lease_deadline))
-            return leases
+        try:
+            with self.store.transaction() as tx:
+                current = tx.get_many([entry.job_id for entry in staged])
+                leased: list[tuple[Entry, Item]] = []
+                changes: list[tuple[Item, int]] = []
+                reports = []
+                for entry in staged:
+                    item = current.get(entry.job_id)
+                    if item is None or item.version != entry.version:
+                        continue  # changed elsewhere: a conflict, repaired below
+                    changes.append((item, item.version))
+                    reports.append(domain.lease(item, worker_id, lease_seconds, now))
+                    leased.append((entry, item))
+                tx.save_many(changes)
+                tx.report_many(reports)
+        except BaseException:
+            for entry in staged:
+                self.cache.rollback(entry)
+            self.refresh([entry.job_id for entry in staged])
+            raise
+        done = {entry.job_id for entry, _ in leased}
+        for entry, item in leased:
+            self.cache.commit(entry, item)
+        conflicts = [entry for entry in staged if entry.job_id not in done]
+        for entry in conflicts:
+            self.cache.rollback(entry)
+        self.refresh([entry.job_id for entry in conflicts])
+        leases = []
+        for _, item in leased:
+            assert item.lease_token is not None and item.lease_deadline is not None
+            leases.append(Lease(item, item.lease_token, item.lease_deadline))
+        return leases
 
-        return self._in_transaction(work)
+    def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
+        def work(tx: Transaction) -> Worker:
+            now = self.clock.now()
+            worker = tx.worker(worker_id)
+            if worker is None:
+                worker = Worker(worker_id, worker_type, dict(labels), 0, WorkerState.ONLINE, now)
+            else:
+                worker.last_seen = now
+                if worker.state is WorkerState.OFFLINE:
+                    worker.state = WorkerState.ONLINE
+            tx.put_worker(worker)
+            return worker
 
-    def _seen(
-        self,
-        tx: Transaction,
-        worker_id: str,
-        worker_type: str,
-        labels: dict[str, str],
-        now: datetime,
-        slots: int = 0,
-    ) -> Worker:
-        worker = tx.worker(worker_id)
-        if worker is None:
-            worker = Worker(worker_id, worker_type, dict(labels), slots, WorkerState.ONLINE, now)
-        else:
-            worker.last_seen = now
-            if worker.state is WorkerState.OFFLINE:
-                worker.state = WorkerState.ONLINE
-        tx.put_worker(worker)
-        return worker
+        return self._write(work, lambda _: [], [])
 
     # ---- the lease holder's calls -----------------------------------------------------
 
     def heartbeat(self, token: str, lease_seconds: float | None) -> Item:
         def work(tx: Transaction) -> Item:
             now = self.clock.now()
-            item = domain.check_holder(tx.by_token(token), token)
+            item = domain.check_holder(tx.by_tokens([token]).get(token), token)
             version = item.version
             domain.heartbeat(item, lease_seconds, now)
             tx.save(item, version)
@@ -197,34 +267,57 @@ class QueueManager:
                 tx.put_worker(worker)
             return item
 
-        return self._in_transaction(work)
+        return self._write(work, lambda item: [item], [])
 
     def complete(
         self, token: str, outcome: Outcome, exit_code: int | None, output_tail: str, error: str
     ) -> Item:
-        def work(tx: Transaction) -> Item:
-            now = self.clock.now()
-            item = domain.check_holder(tx.by_token(token), token)
-            version = item.version
-            report = domain.complete(item, outcome, exit_code, output_tail, error, now, self.policy)
-            tx.save(item, version)
-            tx.report(report)
-            return item
+        result = self.complete_many([Completion(token, outcome, exit_code, output_tail, error)])[0]
+        if isinstance(result, BlixardError):
+            raise result
+        return result
 
-        item = self._in_transaction(work)
+    def complete_many(self, completions: list[Completion]) -> list[Item | BlixardError]:
+        """Complete a batch in one transaction; each completion succeeds or gets its own
+        error (a stale token fails alone, and changes nothing)."""
+
+        def work(tx: Transaction) -> list[Item | BlixardError]:
+            now = self.clock.now()
+            held = tx.by_tokens([c.token for c in completions])
+            results: list[Item | BlixardError] = []
+            changes: list[tuple[Item, int]] = []
+            reports = []
+            for c in completions:
+                try:
+                    item = domain.check_holder(held.pop(c.token, None), c.token)
+                except BlixardError as exc:
+                    results.append(exc)
+                    continue
+                changes.append((item, item.version))
+                reports.append(
+                    domain.complete(
+                        item, c.outcome, c.exit_code, c.output_tail, c.error, now, self.policy
+                    )
+                )
+                results.append(item)
+            tx.save_many(changes)
+            tx.report_many(reports)
+            return results
+
+        results = self._write(work, lambda rs: [r for r in rs if isinstance(r, Item)], [])
         self.feed.changed()
-        return item
+        return results
 
     def release(self, token: str, reason: str) -> Item:
         def work(tx: Transaction) -> Item:
             now = self.clock.now()
-            item = domain.check_holder(tx.by_token(token), token)
+            item = domain.check_holder(tx.by_tokens([token]).get(token), token)
             version = item.version
             tx.report(domain.release(item, reason, now))
             tx.save(item, version)
             return item
 
-        item = self._in_transaction(work)
+        item = self._write(work, lambda item: [item], [])
         self.feed.changed()
         return item
 
@@ -244,7 +337,7 @@ class QueueManager:
                 tx.report(report)
             return item
 
-        return self._in_transaction(work)
+        return self._write(work, lambda item: [item], [job_id])
 
     def redrive(self, job_id: str) -> Item:
         def work(tx: Transaction) -> Item:
@@ -256,7 +349,7 @@ class QueueManager:
             tx.save(item, version)
             return item
 
-        item = self._in_transaction(work)
+        item = self._write(work, lambda item: [item], [job_id])
         self.feed.changed()
         return item
 
@@ -282,7 +375,7 @@ class QueueManager:
             tx.put_worker(worker)
             return worker
 
-        return self._in_transaction(work)
+        return self._write(work, lambda _: [], [])
 
     def drain_worker(self, worker_id: str) -> Worker:
         def work(tx: Transaction) -> Worker:
@@ -293,7 +386,7 @@ class QueueManager:
             tx.put_worker(worker)
             return worker
 
-        return self._in_transaction(work)
+        return self._write(work, lambda _: [], [])
 
     def workers(self) -> list[Worker]:
         return self.store.workers()
@@ -303,37 +396,31 @@ class QueueManager:
     def reap(self, batch: int = 200) -> int:
         """Expire leases past their deadline, and release the leases of silent workers."""
 
-        def work(tx: Transaction) -> int:
+        def work(tx: Transaction) -> list[Item]:
             now = self.clock.now()
-            count = 0
+            reaped: list[Item] = []
             for item in tx.expired(now, batch):
                 version = item.version
-                tx.report(
-                    domain.expire(
-                        item, now, self.policy, f"the lease of attempt {item.attempt} expired"
-                    )
-                )
+                why = f"the lease of attempt {item.attempt} expired"
+                tx.report(domain.expire(item, now, self.policy, why))
                 tx.save(item, version)
-                count += 1
+                reaped.append(item)
             cutoff = now - timedelta(seconds=self.worker_timeout)
             for worker in tx.silent_workers(cutoff):
                 worker.state = WorkerState.OFFLINE
                 tx.put_worker(worker)
                 for item in tx.leased_by(worker.worker_id):
                     version = item.version
-                    tx.report(
-                        domain.expire(
-                            item, now, self.policy, f"worker {worker.worker_id} went offline"
-                        )
-                    )
+                    why = f"worker {worker.worker_id} went offline"
+                    tx.report(domain.expire(item, now, self.policy, why))
                     tx.save(item, version)
-                    count += 1
-            return count
+                    reaped.append(item)
+            return reaped
 
-        count = self._in_transaction(work)
-        if count:
+        reaped = self._write(work, lambda items: items, [])
+        if reaped:
             self.feed.changed()
-        return count
+        return len(reaped)
 
     def stop(self) -> None:
         self._stop.set()

@@ -13,7 +13,7 @@ from services.common.auth import Policy, Role
 from services.common.jobspec import check_labels, check_spec, check_worker_type
 from services.common.validation import Problems
 from services.queue import convert
-from services.queue.manager import QueueManager
+from services.queue.manager import Completion, QueueManager
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueueService"].full_name
 
@@ -23,6 +23,7 @@ POLICY: Policy = {
     "Claim": _WORKER,
     "Heartbeat": _WORKER,
     "Complete": _WORKER,
+    "BatchComplete": _WORKER,
     "Release": _WORKER,
     "RegisterWorker": _WORKER,
     "GetItem": _READ,
@@ -37,6 +38,7 @@ MIN_LEASE_SECONDS = 1.0
 MAX_LEASE_SECONDS = 3600.0
 MAX_WAIT_SECONDS = 60.0
 MAX_TAIL_BYTES = 64 * 1024
+MAX_BATCH = 256
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -64,6 +66,32 @@ def _lease_seconds(
         f"between {MIN_LEASE_SECONDS:g}s and {MAX_LEASE_SECONDS:g}s",
     )
     return seconds
+
+
+def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) -> Completion | None:
+    """Check one Complete; the problems are named with ``prefix`` (inside a batch)."""
+    ok = problems.check(bool(request.lease_token), f"{prefix}lease_token", "required")
+    outcome = convert.outcome(request.outcome)
+    ok &= problems.check(
+        outcome is not None,
+        f"{prefix}outcome",
+        "required: OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED",
+    )
+    ok &= problems.check(
+        len(request.output_tail.encode()) <= MAX_TAIL_BYTES,
+        f"{prefix}output_tail",
+        f"at most {MAX_TAIL_BYTES} bytes",
+    )
+    ok &= problems.check(len(request.error) <= 4096, f"{prefix}error", "at most 4096 characters")
+    if not ok or outcome is None:
+        return None
+    return Completion(
+        request.lease_token,
+        outcome,
+        request.exit_code if request.HasField("exit_code") else None,
+        request.output_tail,
+        request.error,
+    )
 
 
 class QueueServicer(pb_grpc.QueueServiceServicer):
@@ -123,29 +151,31 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.CompleteRequest, context: grpc.ServicerContext
     ) -> pb.CompleteResponse:
         problems = Problems()
-        problems.check(bool(request.lease_token), "lease_token", "required")
-        outcome = convert.outcome(request.outcome)
-        problems.check(
-            outcome is not None,
-            "outcome",
-            "required: OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED",
-        )
-        problems.check(
-            len(request.output_tail.encode()) <= MAX_TAIL_BYTES,
-            "output_tail",
-            f"at most {MAX_TAIL_BYTES} bytes",
-        )
-        problems.check(len(request.error) <= 4096, "error", "at most 4096 characters")
+        completion = _completion(request, "", problems)
         problems.raise_if_any()
-        assert outcome is not None
+        assert completion is not None
         item = self.manager.complete(
-            request.lease_token,
-            outcome,
-            request.exit_code if request.HasField("exit_code") else None,
-            request.output_tail,
-            request.error,
+            completion.token,
+            completion.outcome,
+            completion.exit_code,
+            completion.output_tail,
+            completion.error,
         )
         return pb.CompleteResponse(item=convert.item_message(item))
+
+    def BatchComplete(
+        self, request: pb.BatchCompleteRequest, context: grpc.ServicerContext
+    ) -> pb.BatchCompleteResponse:
+        problems = Problems()
+        problems.check(
+            0 < len(request.requests) <= MAX_BATCH, "requests", f"between 1 and {MAX_BATCH}"
+        )
+        completions = [
+            _completion(one, f"requests[{i}].", problems) for i, one in enumerate(request.requests)
+        ]
+        problems.raise_if_any()
+        results = self.manager.complete_many([c for c in completions if c is not None])
+        return pb.BatchCompleteResponse(results=[convert.batch_result(r) for r in results])
 
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext

@@ -4,12 +4,13 @@ its version, so two replicas on one database are arbitrated by the database."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
@@ -19,11 +20,61 @@ from services.common.outbox import SqlOutbox
 from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
 from services.queue.models import ItemRow, OutboxRow, WorkerRow
 
+Fault = Callable[[str], None]
+ITEMS = cast(Table, ItemRow.__table__)
+ITEM_COLUMNS = list(ITEMS.c)
+
+
+def no_faults(point: str) -> None:
+    """Tests inject store failures at "before_write", "after_write" and "commit"."""
+
 
 class Transaction:
-    def __init__(self, session: Session, outbox: SqlOutbox) -> None:
+    def __init__(self, session: Session, outbox: SqlOutbox, fault: Fault) -> None:
         self.session = session
         self._outbox = outbox
+        self._fault = fault
+
+    def get_many(self, job_ids: list[str]) -> dict[str, Item]:
+        """The items, locked for this transaction, by job id (missing ones absent)."""
+        query = select(*ITEM_COLUMNS).where(ITEMS.c.job_id.in_(job_ids)).with_for_update()
+        return {row.job_id: _item(row) for row in self.session.execute(query)}
+
+    def by_tokens(self, tokens: list[str]) -> dict[str, Item]:
+        query = select(*ITEM_COLUMNS).where(ITEMS.c.lease_token.in_(tokens)).with_for_update()
+        return {row.lease_token: _item(row) for row in self.session.execute(query)}
+
+    def save_many(self, changes: list[tuple[Item, int]]) -> None:
+        """Write each (item, version it was read at) if nobody changed it since; one
+        statement for all. A conflict aborts the whole transaction."""
+        if not changes:
+            return
+        self._fault("before_write")
+        params = []
+        for item, expected in changes:
+            item.version = expected + 1
+            params.append(
+                {
+                    **{f"v_{k}": v for k, v in _columns(item).items()},
+                    "w_job_id": item.job_id,
+                    "w_version": expected,
+                }
+            )
+        statement = (
+            update(ITEMS)
+            .where(
+                ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version")
+            )
+            .values({c.name: bindparam(f"v_{c.name}") for c in ITEM_COLUMNS})
+        )
+        result = self.session.connection().execute(statement, params)
+        if result.rowcount not in (len(params), -1):
+            raise Aborted("items were changed concurrently", reason="CONFLICT")
+
+    def report_many(self, reports: list[Report]) -> None:
+        self._outbox.add_many(
+            self.session, [("status", r.job_id, _payload(r), r.at) for r in reports]
+        )
 
     # ---- items ------------------------------------------------------------------------
 
@@ -41,11 +92,13 @@ class Transaction:
         return _item(row) if row else None
 
     def insert(self, item: Item) -> None:
+        self._fault("before_write")
         self.session.add(ItemRow(**_columns(item)))
         self.session.flush()
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""
+        self._fault("before_write")
         item.version = expected_version + 1
         result = self.session.execute(
             update(ItemRow)
@@ -92,9 +145,7 @@ class Transaction:
         return [_item(row) for row in self.session.scalars(query)]
 
     def report(self, report: Report) -> None:
-        payload = asdict(report)
-        payload["at"] = report.at.isoformat()
-        self._outbox.add(self.session, "status", report.job_id, payload, report.at)
+        self._outbox.add(self.session, "status", report.job_id, _payload(report), report.at)
 
     # ---- workers ----------------------------------------------------------------------
 
@@ -122,15 +173,55 @@ class Transaction:
 
 
 class QueueStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, fault: Fault = no_faults) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.outbox = SqlOutbox(engine, OutboxRow)
+        self.fault = fault
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         with self._sessions.begin() as session:
-            yield Transaction(session, self.outbox)
+            yield Transaction(session, self.outbox, self.fault)
+            self.fault("after_write")
+            session.flush()
+            self.fault("commit")
+
+    def live_items(self, batch: int = 10_000) -> Iterator[Item]:
+        """Every waiting or leased item, in pages (to fill the cache at start-up)."""
+        after = ""
+        while True:
+            query = (
+                select(*ITEM_COLUMNS)
+                .where(
+                    ITEMS.c.state.in_([ItemState.WAITING.value, ItemState.LEASED.value]),
+                    ITEMS.c.job_id > after,
+                )
+                .order_by(ITEMS.c.job_id)
+                .limit(batch)
+            )
+            with self._sessions() as session:
+                page = [_item(row) for row in session.execute(query)]
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1].job_id
+
+    def waiting(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
+        """The best waiting items for a worker type, read without locks (to pick up what
+        another replica enqueued)."""
+        query = (
+            select(*ITEM_COLUMNS)
+            .where(
+                ITEMS.c.state == ItemState.WAITING.value,
+                ITEMS.c.run_at <= now,
+                has_tag(ITEMS.c.worker_types, worker_type),
+            )
+            .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            return [_item(row) for row in session.execute(query)]
 
     def get(self, job_id: str) -> Item | None:
         with self._sessions() as session:
@@ -153,6 +244,12 @@ class QueueStore:
             return [
                 _worker(r) for r in session.scalars(select(WorkerRow).order_by(WorkerRow.worker_id))
             ]
+
+
+def _payload(report: Report) -> dict[str, object]:
+    payload = asdict(report)
+    payload["at"] = report.at.isoformat()
+    return payload
 
 
 def _columns(item: Item) -> dict[str, object]:
@@ -184,7 +281,7 @@ def _columns(item: Item) -> dict[str, object]:
     )
 
 
-def _item(row: ItemRow) -> Item:
+def _item(row: Any) -> Item:
     return Item(
         job_id=row.job_id,
         generation=row.generation,

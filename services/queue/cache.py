@@ -1,0 +1,201 @@
+"""The queue's transactional cache: an in-memory index of live items, so a claim picks its
+items in O(log n) without scanning the store.
+
+The store is the source of truth; the cache holds only committed state. A claim is a
+transaction across both:
+
+1. ``stage_claim`` takes the best items out of the available index at once (no other
+   claimer can see them) and remembers exactly what it took;
+2. the caller writes the store in one transaction with a conditional update;
+3. ``commit`` records the committed result, or ``rollback`` puts every staged entry back
+   where it was: unless a newer version was committed meanwhile, which a rollback never
+   overwrites. After a conflict or a failed write the caller ``refresh``es the item
+   from the store.
+
+Readers of the queue read the store, so nobody ever sees a staged claim. ``view()`` is
+the committed state, which the tests compare with the store after every operation.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+from services.queue.domain import Item, ItemState
+
+ANY = ""  # the index of items that name no worker type
+Key = tuple[int, int, str]  # (-priority, seq, job_id): highest priority, then FIFO
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What the cache knows of one live item, as last committed."""
+
+    job_id: str
+    version: int
+    state: ItemState
+    priority: int
+    seq: int
+    run_at: float
+    worker_types: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]
+
+    @property
+    def key(self) -> Key:
+        return (-self.priority, self.seq, self.job_id)
+
+    def accepts(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+    @classmethod
+    def of(cls, item: Item) -> Entry:
+        return cls(
+            item.job_id,
+            item.version,
+            item.state,
+            item.priority,
+            item.seq,
+            item.run_at.timestamp(),
+            tuple(item.worker_types),
+            tuple(sorted(item.labels.items())),
+        )
+
+
+class ItemCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {}  # every live item, committed state
+        self._ready: dict[str, SortedList] = {}  # worker type -> keys of claimable items
+        self._delayed: list[tuple[float, str, int]] = []  # (run_at, job_id, version)
+        self._staged: dict[str, Entry] = {}  # taken by claims in flight
+        self._now = 0.0  # the latest claim time seen
+
+    # ---- loading and committed changes ------------------------------------------------
+
+    def load(self, items: Iterable[Item]) -> None:
+        for item in items:
+            self.apply(item)
+
+    def apply(self, item: Item) -> None:
+        """Record a committed item (a live one is indexed, an ended one forgotten). An
+        older version than the cache already has is ignored."""
+        with self._lock:
+            current = self._entries.get(item.job_id)
+            if current is not None and current.version > item.version:
+                return
+            self._unindex(current)
+            if item.state.live:
+                entry = Entry.of(item)
+                self._entries[item.job_id] = entry
+                if item.job_id not in self._staged:
+                    self._index(entry)
+            else:
+                self._entries.pop(item.job_id, None)
+
+    def forget(self, job_id: str) -> None:
+        """The store has no such item (any more)."""
+        with self._lock:
+            self._unindex(self._entries.pop(job_id, None))
+
+    # ---- the claim transaction --------------------------------------------------------
+
+    def stage_claim(
+        self, worker_type: str, labels: dict[str, str], max_items: int, now: float
+    ) -> list[Entry]:
+        """Take up to ``max_items`` claimable entries, best first, out of the index."""
+        with self._lock:
+            self._promote(now)
+            taken: list[Entry] = []
+            for key in self._candidates(worker_type):
+                entry = self._entries[key[2]]
+                if entry.accepts(labels):
+                    taken.append(entry)
+                    if len(taken) == max_items:
+                        break
+            for entry in taken:
+                self._unindex(entry)
+                self._staged[entry.job_id] = entry
+            return taken
+
+    def commit(self, staged: Entry, item: Item) -> None:
+        """The store committed the claim of ``staged``; ``item`` is what it wrote."""
+        with self._lock:
+            self._staged.pop(staged.job_id, None)
+        self.apply(item)
+
+    def rollback(self, staged: Entry) -> None:
+        """Put ``staged`` back exactly where it was, unless a newer version was committed
+        meanwhile (then that one stands, already indexed by ``apply``)."""
+        with self._lock:
+            self._staged.pop(staged.job_id, None)
+            current = self._entries.get(staged.job_id)
+            if current is not None:  # ``staged`` itself, or a newer committed version
+                self._index(current)
+
+    # ---- what readers and tests see ---------------------------------------------------
+
+    def view(self) -> dict[str, tuple[ItemState, int]]:
+        """The committed state of every live item: (state, version) by job id."""
+        with self._lock:
+            return {job_id: (e.state, e.version) for job_id, e in self._entries.items()}
+
+    def ready_count(self) -> int:
+        with self._lock:
+            return sum(len(keys) for keys in self._ready.values())
+
+    def staged_count(self) -> int:
+        with self._lock:
+            return len(self._staged)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- inside the lock --------------------------------------------------------------
+
+    def _candidates(self, worker_type: str) -> Iterator[Key]:
+        lists = [keys for t in {worker_type, ANY} if (keys := self._ready.get(t))]
+        if len(lists) == 1:
+            return iter(lists[0])
+        return heapq.merge(*lists)
+
+    def _index(self, entry: Entry) -> None:
+        if entry.state is not ItemState.WAITING:
+            return
+        if entry.run_at > self._now:
+            heapq.heappush(self._delayed, (entry.run_at, entry.job_id, entry.version))
+            return
+        self._make_ready(entry)
+
+    def _make_ready(self, entry: Entry) -> None:
+        for worker_type in entry.worker_types or (ANY,):
+            keys = self._ready.setdefault(worker_type, SortedList())
+            if entry.key not in keys:
+                keys.add(entry.key)
+
+    def _unindex(self, entry: Entry | None) -> None:
+        if entry is None or entry.state is not ItemState.WAITING:
+            return
+        for worker_type in entry.worker_types or (ANY,):
+            keys = self._ready.get(worker_type)
+            if keys is not None:
+                keys.discard(entry.key)  # a delayed entry is not there: no-op
+        # A delayed entry stays in the heap; _promote skips it as stale.
+
+    def _promote(self, now: float) -> None:
+        """Move entries whose run_at has come from the delayed heap to the index. Items
+        due by the last claim's time go straight to the index; later ones wait here."""
+        self._now = max(self._now, now)
+        while self._delayed and self._delayed[0][0] <= self._now:
+            _, job_id, version = heapq.heappop(self._delayed)
+            entry = self._entries.get(job_id)
+            if (
+                entry is not None
+                and entry.version == version
+                and entry.state is ItemState.WAITING
+                and job_id not in self._staged
+            ):
+                self._make_ready(entry)
