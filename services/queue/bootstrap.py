@@ -34,7 +34,7 @@ def build(
     if jobs is None:
         jobs = JobsReporter(client.open_channel(config.jobs_address, config.shared.tokens.admin))
     relay = Relay("queue-outbox-relay", store.outbox, jobs, clock, manager.feed)
-    reaper = Reaper(manager, config.reap_interval)
+    reaper = Reaper(manager, config.reap_interval, config.cache_sync_interval)
     servicer = QueueServicer(manager)
     running = server.create_server(
         config.server.address,

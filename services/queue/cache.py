@@ -19,6 +19,7 @@ the committed state, which the tests compare with the store after every operatio
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sortedcontainers import SortedList
 
 from services.queue.domain import Item, ItemState
 
+ENDED_MEMORY = 65_536
 ANY = ""  # the index of items that name no worker type
 Key = tuple[int, int, str]  # (-priority, seq, job_id): highest priority, then FIFO
 
@@ -73,6 +75,9 @@ class ItemCache:
         self._delayed: list[tuple[float, str, int]] = []  # (run_at, job_id, version)
         self._staged: dict[str, Entry] = {}  # taken by claims in flight
         self._now = 0.0  # the latest claim time seen
+        # The versions at which recent items ended, so a write applied late (a thread
+        # that committed earlier but applies after) cannot bring an ended item back.
+        self._ended: OrderedDict[str, int] = OrderedDict()
 
     # ---- loading and committed changes ------------------------------------------------
 
@@ -87,6 +92,8 @@ class ItemCache:
             current = self._entries.get(item.job_id)
             if current is not None and current.version > item.version:
                 return
+            if self._ended.get(item.job_id, -1) >= item.version:
+                return  # a late write of an item that has ended since
             self._unindex(current)
             if item.state.live:
                 entry = Entry.of(item)
@@ -95,6 +102,14 @@ class ItemCache:
                     self._index(entry)
             else:
                 self._entries.pop(item.job_id, None)
+                self._ended[item.job_id] = item.version
+                self._ended.move_to_end(item.job_id)
+                if len(self._ended) > ENDED_MEMORY:
+                    self._ended.popitem(last=False)
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._entries)
 
     def forget(self, job_id: str) -> None:
         """The store has no such item (any more)."""
@@ -142,6 +157,20 @@ class ItemCache:
         """The committed state of every live item: (state, version) by job id."""
         with self._lock:
             return {job_id: (e.state, e.version) for job_id, e in self._entries.items()}
+
+    def claimable(self) -> set[str]:
+        """The job ids a claim can reach now or once their run_at comes: those in the
+        index and the current entries in the delayed heap."""
+        with self._lock:
+            ready = {key[2] for keys in self._ready.values() for key in keys}
+            delayed = {
+                job_id
+                for _, job_id, version in self._delayed
+                if (entry := self._entries.get(job_id)) is not None
+                and entry.version == version
+                and entry.state is ItemState.WAITING
+            }
+            return ready | delayed
 
     def ready_count(self) -> int:
         with self._lock:

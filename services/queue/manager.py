@@ -127,40 +127,74 @@ class QueueManager:
             else:
                 self.cache.apply(item)
 
+    def reconcile(self) -> int:
+        """Make the whole cache the store's: every live item loaded (a newer version
+        wins), every entry the store no longer has live forgotten. Another replica's
+        changes reach this cache here, and, item by item, when a claim meets a conflict.
+        Returns how many entries were dropped."""
+        live: set[str] = set()
+        for item in self.store.live_items():
+            live.add(item.job_id)
+            self.cache.apply(item)
+        stale = [job_id for job_id in self.cache.ids() if job_id not in live]
+        self.refresh(stale)  # read each back: it may have become live again meanwhile
+        return len(stale)
+
     # ---- enqueue ----------------------------------------------------------------------
 
     def enqueue(self, new: NewItem) -> tuple[Item, bool]:
-        def work(tx: Transaction) -> tuple[Item, bool]:
-            now = self.clock.now()
-            existing = tx.get(new.job_id, for_update=True)
-            if existing is not None and existing.generation >= new.generation:
-                return existing, False
-            item = Item(
-                job_id=new.job_id,
-                generation=new.generation,
-                spec_json=new.spec_json,
-                state=ItemState.WAITING,
-                priority=new.priority,
-                run_at=new.run_at or now,
-                seq=int(self.clock.timestamp() * 1_000_000),
-                max_attempts=new.max_attempts or self.policy.default_max_attempts,
-                created_at=now,
-                updated_at=now,
-                worker_types=new.worker_types,
-                labels=dict(new.labels),
-                trace_context=dict(new.trace_context),
-            )
-            tx.report(domain.enqueued(item, now))
-            if existing is None:
-                tx.insert(item)
-            else:  # a new generation (RetryJob) replaces the old item; its lease is stale
-                tx.save(item, existing.version)
-            return item, True
+        return self.enqueue_many([new])[0]
 
-        item, created = self._write(work, lambda r: [r[0]], [new.job_id])
-        if created:
+    def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool]]:
+        """Enqueue in one transaction, idempotent by (job id, generation): an item already
+        there at this generation or a newer one is returned as it is (created False)."""
+
+        def work(tx: Transaction) -> list[tuple[Item, bool]]:
+            now = self.clock.now()
+            seq = int(self.clock.timestamp() * 1_000_000)
+            existing = tx.get_many([new.job_id for new in news])
+            results: list[tuple[Item, bool]] = []
+            inserts: list[Item] = []
+            replaces: list[tuple[Item, int]] = []
+            reports = []
+            for offset, new in enumerate(news):
+                old = existing.get(new.job_id)
+                if old is not None and old.generation >= new.generation:
+                    results.append((old, False))
+                    continue
+                item = Item(
+                    job_id=new.job_id,
+                    generation=new.generation,
+                    spec_json=new.spec_json,
+                    state=ItemState.WAITING,
+                    priority=new.priority,
+                    run_at=new.run_at or now,
+                    seq=seq + offset,
+                    max_attempts=new.max_attempts or self.policy.default_max_attempts,
+                    created_at=now,
+                    updated_at=now,
+                    worker_types=new.worker_types,
+                    labels=dict(new.labels),
+                    trace_context=dict(new.trace_context),
+                )
+                reports.append(domain.enqueued(item, now))
+                if old is None:
+                    inserts.append(item)
+                else:  # a new generation (RetryJob) replaces the old item; its lease is stale
+                    replaces.append((item, old.version))
+                existing[new.job_id] = item
+                results.append((item, True))
+            tx.insert_many(inserts)
+            tx.save_many(replaces)
+            tx.report_many(reports)
+            return results
+
+        results = self._write(
+            work, lambda rs: [item for item, created in rs if created], [n.job_id for n in news]
+        )
+        if any(created for _, created in results):
             self.feed.changed()
-        return item, created
+        return results
 
     # ---- claim ------------------------------------------------------------------------
 
@@ -428,11 +462,13 @@ class QueueManager:
 
 
 class Reaper:
-    """Runs ``QueueManager.reap`` on an interval: no user cron."""
+    """Runs ``QueueManager.reap`` on an interval (no user cron), and reconciles the cache
+    with the store every ``sync_interval`` seconds (other replicas' changes)."""
 
-    def __init__(self, manager: QueueManager, interval: float) -> None:
+    def __init__(self, manager: QueueManager, interval: float, sync_interval: float = 30.0) -> None:
         self.manager = manager
         self.interval = interval
+        self.sync_interval = sync_interval
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-reaper", daemon=True)
 
@@ -444,10 +480,16 @@ class Reaper:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        next_sync = self.manager.clock.monotonic() + self.sync_interval
         while not self._stopping.wait(self.interval):
             try:
                 reaped = self.manager.reap()
                 if reaped:
                     log.info("reaped %d expired leases", reaped)
+                if self.manager.clock.monotonic() >= next_sync:
+                    next_sync = self.manager.clock.monotonic() + self.sync_interval
+                    dropped = self.manager.reconcile()
+                    if dropped:
+                        log.info("cache reconciled: %d entries changed elsewhere", dropped)
             except Exception:
                 log.exception("the lease reaper failed; retrying")

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, func, select, update
+from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
@@ -91,10 +91,10 @@ class Transaction:
         ).first()
         return _item(row) if row else None
 
-    def insert(self, item: Item) -> None:
-        self._fault("before_write")
-        self.session.add(ItemRow(**_columns(item)))
-        self.session.flush()
+    def insert_many(self, items: list[Item]) -> None:
+        if items:
+            self._fault("before_write")
+            self.session.execute(insert(ITEMS), [_columns(item) for item in items])
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""

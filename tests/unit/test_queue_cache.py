@@ -1,0 +1,131 @@
+"""The queue cache on its own: staging, exact rollback, commits and the delayed heap."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from services.queue.cache import ItemCache
+from services.queue.domain import Item, ItemState
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def item(
+    job_id: str,
+    priority: int = 0,
+    seq: int = 0,
+    version: int = 1,
+    state: ItemState = ItemState.WAITING,
+    run_at: datetime = T0,
+    worker_types: tuple[str, ...] = (),
+    labels: dict[str, str] | None = None,
+) -> Item:
+    return Item(
+        job_id=job_id,
+        generation=1,
+        spec_json="{}",
+        state=state,
+        priority=priority,
+        run_at=run_at,
+        seq=seq,
+        max_attempts=3,
+        created_at=T0,
+        updated_at=T0,
+        worker_types=worker_types,
+        labels=labels or {},
+        version=version,
+    )
+
+
+NOW = T0.timestamp() + 1
+
+
+def claim_ids(
+    cache: ItemCache, n: int, worker_type: str = "process", labels: dict[str, str] | None = None
+) -> list[str]:
+    return [e.job_id for e in cache.stage_claim(worker_type, labels or {}, n, NOW)]
+
+
+def test_claims_take_highest_priority_then_fifo_and_hide_what_they_took() -> None:
+    cache = ItemCache()
+    cache.load([item("low", 0, 1), item("high", 5, 3), item("low-2", 0, 2)])
+    assert claim_ids(cache, 2) == ["high", "low"]
+    assert claim_ids(cache, 5) == ["low-2"]  # the first claim's items are not visible
+    assert claim_ids(cache, 5) == []
+
+
+def test_rollback_puts_back_exactly_what_was_taken() -> None:
+    cache = ItemCache()
+    cache.load([item("a", seq=1), item("b", seq=2), item("c", seq=3)])
+    before = (cache.view(), cache.claimable())
+    staged = cache.stage_claim("process", {}, 2, NOW)
+    assert cache.claimable() == {"c"}
+    for entry in staged:
+        cache.rollback(entry)
+    assert (cache.view(), cache.claimable()) == before
+    assert claim_ids(cache, 3) == ["a", "b", "c"]
+
+
+def test_a_rollback_never_restores_over_a_newer_committed_version() -> None:
+    cache = ItemCache()
+    cache.load([item("a", version=1)])
+    [staged] = cache.stage_claim("process", {}, 1, NOW)
+    # meanwhile another operation committed version 2 (say, a cancel request on a lease)
+    cache.apply(item("a", version=2, state=ItemState.LEASED))
+    cache.rollback(staged)
+    assert cache.view() == {"a": (ItemState.LEASED, 2)}
+    assert cache.claimable() == set()
+
+
+def test_commit_records_the_lease_and_an_ended_item_is_forgotten() -> None:
+    cache = ItemCache()
+    cache.load([item("a")])
+    [staged] = cache.stage_claim("process", {}, 1, NOW)
+    cache.commit(staged, item("a", version=2, state=ItemState.LEASED))
+    assert cache.view() == {"a": (ItemState.LEASED, 2)}
+    cache.apply(item("a", version=3, state=ItemState.SUCCEEDED))
+    assert cache.view() == {}
+    cache.apply(item("a", version=2, state=ItemState.LEASED))  # a write applied late
+    assert cache.view() == {}  # an ended item does not come back...
+    cache.apply(item("a", version=4))  # ...unless it is newer: a new generation
+    assert cache.view() == {"a": (ItemState.WAITING, 4)}
+
+
+def test_older_versions_never_overwrite_newer_ones() -> None:
+    cache = ItemCache()
+    cache.apply(item("a", version=5, state=ItemState.LEASED))
+    cache.apply(item("a", version=4))
+    assert cache.view() == {"a": (ItemState.LEASED, 5)}
+
+
+def test_worker_types_and_labels() -> None:
+    cache = ItemCache()
+    cache.load(
+        [
+            item("vm", seq=1, worker_types=("vm",)),
+            item("any", seq=2),
+            item("gpu", seq=3, labels={"gpu": "yes"}),
+        ]
+    )
+    assert claim_ids(cache, 5, "process") == ["any"]
+    assert claim_ids(cache, 5, "vm", {"gpu": "yes"}) == ["vm", "gpu"]
+
+
+def test_items_wait_for_their_run_at() -> None:
+    cache = ItemCache()
+    later = T0 + timedelta(hours=1)
+    cache.stage_claim("process", {}, 1, NOW)  # the cache has seen time NOW
+    cache.load([item("later", run_at=later), item("now")])
+    assert claim_ids(cache, 5) == ["now"]
+    assert cache.claimable() == {"later"}
+    assert [e.job_id for e in cache.stage_claim("process", {}, 5, later.timestamp())] == ["later"]
+
+
+def test_a_stale_delayed_entry_is_skipped() -> None:
+    cache = ItemCache()
+    later = T0 + timedelta(hours=1)
+    cache.stage_claim("process", {}, 1, NOW)
+    cache.load([item("x", run_at=later)])
+    cache.apply(replace(item("x", version=2), state=ItemState.LEASED))
+    assert cache.stage_claim("process", {}, 5, later.timestamp()) == []
