@@ -19,8 +19,8 @@ the committed state, which the tests compare with the store after every operatio
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
