@@ -57,6 +57,10 @@ fmt: $(INSTALLED)
 	$(BIN)/ruff format services tools tests bench
 	$(BIN)/ruff check --fix services tools tests bench
 
+bench: $(STUBS)
+	$(PY) -m bench.jobs_bench $(BENCH_ARGS)
+	$(PY) -m bench.queue_bench $(BENCH_ARGS)
+
 migration: $(INSTALLED)
 	$(PY) -m tools.new_migration $(SERVICE) "$(MESSAGE)"
 

@@ -67,10 +67,19 @@ def _sqlite(url: str, database: str | None, setting: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock at BEGIN; readers (see ``reader``) do not, so WAL
+        # lets them read while a writer writes.
+        read_only = connection.get_execution_options().get("blixard_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     _check(engine, url, setting)
     return engine
+
+
+def reader(engine: Engine) -> Engine:
+    """The same engine (same pool) for read-only transactions: on SQLite they begin
+    without taking the write lock. Never write through it."""
+    return engine.execution_options(blixard_read_only=True)
 
 
 def _check(engine: Engine, url: str, setting: str) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from services.common import telemetry
 from services.common.backoff import backoff
 from services.common.clock import Clock
+from services.common.db import reader
 from services.common.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class SqlOutbox:
     def __init__(self, engine: Engine, row: type[OutboxMixin]) -> None:
         self._row: Any = row
         self._sessions = sessionmaker(engine)
+        self._reads = sessionmaker(reader(engine))
 
     def add_many(
         self, session: Session, messages: list[tuple[str, str, dict[str, Any], datetime]]
@@ -107,7 +109,7 @@ class SqlOutbox:
     def due(self, now: datetime, limit: int) -> list[Message]:
         row = self._row
         query = select(row).where(row.next_attempt_at <= now).order_by(row.id).limit(limit)
-        with self._sessions() as session:
+        with self._reads() as session:
             return [
                 Message(r.id, r.topic, r.key, json.loads(r.payload), r.attempts)
                 for r in session.scalars(query)
@@ -127,7 +129,7 @@ class SqlOutbox:
             )
 
     def pending(self) -> int:
-        with self._sessions() as session:
+        with self._reads() as session:
             return session.scalar(select(func.count()).select_from(self._row)) or 0
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import has_tag, join_tags, split_tags
+from services.common.db import has_tag, join_tags, reader, split_tags
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
@@ -176,6 +176,7 @@ class QueueStore:
     def __init__(self, engine: Engine, fault: Fault = no_faults) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._reads = sessionmaker(reader(engine), expire_on_commit=False)
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
 
@@ -200,7 +201,7 @@ class QueueStore:
                 .order_by(ITEMS.c.job_id)
                 .limit(batch)
             )
-            with self._sessions() as session:
+            with self._reads() as session:
                 page = [_item(row) for row in session.execute(query)]
             yield from page
             if len(page) < batch:
@@ -220,27 +221,27 @@ class QueueStore:
             .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
             .limit(limit)
         )
-        with self._sessions() as session:
+        with self._reads() as session:
             return [_item(row) for row in session.execute(query)]
 
     def get(self, job_id: str) -> Item | None:
-        with self._sessions() as session:
+        with self._reads() as session:
             row = session.get(ItemRow, job_id)
             return _item(row) if row else None
 
     def counts(self) -> dict[str, int]:
         query = select(ItemRow.state, func.count()).group_by(ItemRow.state)
-        with self._sessions() as session:
+        with self._reads() as session:
             return {state: count for state, count in session.execute(query).all()}
 
     def oldest_waiting(self) -> datetime | None:
         query = select(func.min(ItemRow.created_at)).where(ItemRow.state == ItemState.WAITING.value)
-        with self._sessions() as session:
+        with self._reads() as session:
             value = session.scalar(query)
             return to_utc(value) if value else None
 
     def workers(self) -> list[Worker]:
-        with self._sessions() as session:
+        with self._reads() as session:
             return [
                 _worker(r) for r in session.scalars(select(WorkerRow).order_by(WorkerRow.worker_id))
             ]
