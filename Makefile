@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS := gen/.stamp
 
-.PHONY: help venv protos run test test-fast lint fmt bench migration clean
+.PHONY: help venv protos run test test-fast lint fmt bench migration up down logs clean
 
 help:
 	@echo "make run     start jobs, queue and VM services and a worker on SQLite under ./var/"
@@ -16,7 +16,7 @@ help:
 	@echo "make lint    ruff, mypy and buf lint"
 	@echo "make protos  generate the gRPC stubs into gen/"
 
-$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-protos.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -60,6 +60,20 @@ fmt: $(INSTALLED)
 bench: $(STUBS)
 	$(PY) -m bench.jobs_bench $(BENCH_ARGS)
 	$(PY) -m bench.queue_bench $(BENCH_ARGS)
+
+COMPOSE := $(PY) -m tools.compose
+
+.env:
+	$(PY) -m tools.dotenv
+
+up: $(INSTALLED) .env
+	$(COMPOSE) up -d --build --wait
+
+down: $(INSTALLED)
+	$(COMPOSE) down
+
+logs: $(INSTALLED)
+	$(COMPOSE) logs -f --tail=200
 
 migration: $(INSTALLED)
 	$(PY) -m tools.new_migration $(SERVICE) "$(MESSAGE)"

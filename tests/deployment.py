@@ -1,5 +1,6 @@
 """A running Blixard deployment for tests: the one given by addresses in the environment
-(TARGET_JOBS_ADDRESS, TARGET_QUEUE_ADDRESS, TARGET_VMS_ADDRESS), or the
+(TARGET_JOBS_ADDRESS, TARGET_QUEUE_ADDRESS, TARGET_VMS_ADDRESS, and TARGET_CLIENT_TOKEN
+when it checks tokens), or the
 services started here as real processes on free ports with SQLite in a temp directory."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.client import open_channel
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,7 @@ class Deployment:
     workdir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    client_token: str | None = None
 
     @classmethod
     def from_environment(cls) -> Deployment | None:
@@ -81,7 +84,14 @@ class Deployment:
             jobs=jobs,
             queue=os.environ.get("TARGET_QUEUE_ADDRESS", ""),
             vms=os.environ.get("TARGET_VMS_ADDRESS", ""),
+            client_token=os.environ.get("TARGET_CLIENT_TOKEN") or None,
         )
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A channel to one of the services, with the client token when there is one."""
+        if self.client_token:
+            return open_channel(address, self.client_token)
+        return grpc.insecure_channel(address)
 
     @classmethod
     def start(

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
+from sqlalchemy import exc as sa_exc
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,26 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """Abort the call with the status for ``exc`` (never returns)."""
     if isinstance(exc, BlixardError):
         context.abort_with_status(to_status(exc))
+    if _store_down(exc):
+        log.warning("the database is unavailable: %s", str(exc).splitlines()[0])
+        context.abort_with_status(to_status(STORE_UNAVAILABLE))
     log.error("unexpected error in a handler", exc_info=exc)
     span = trace.get_current_span()
     span.record_exception(exc)
     span.set_status(trace.Status(trace.StatusCode.ERROR, "internal error"))
     context.abort_with_status(INTERNAL_STATUS)
+
+
+STORE_UNAVAILABLE = Unavailable(
+    "the database is unavailable; try again", reason="STORE_UNAVAILABLE", retry_after=1.0
+)
+
+
+def _store_down(exc: BaseException) -> bool:
+    """A lost or refused database connection (not a bug: the store is down)."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
 
 
 def _already_aborted(context: grpc.ServicerContext) -> bool:

@@ -23,5 +23,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 @pytest.fixture(scope="module")
 def jobs_channel(deployment: Deployment) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(deployment.jobs) as channel:
-        yield channel
+    channel = deployment.channel(deployment.jobs)
+    yield channel
+    channel.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,12 +14,16 @@ from tests.deployment import ROOT, Deployment
 def blixctl(
     deployment: Deployment, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if deployment.client_token:
+        env["BLIXARD_CLIENT_TOKEN"] = deployment.client_token
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args[:1], "--address", deployment.jobs, *args[1:]],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 

@@ -229,6 +229,25 @@ def test_abort_with_an_unexpected_error_hides_it() -> None:
     assert b"secret" not in dict(status.trailing_metadata)["grpc-status-details-bin"]
 
 
+def test_a_database_that_is_down_is_unavailable_not_internal() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    context = FakeContext()
+    down = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    with pytest.raises(Stop):
+        abort(context, down)  # type: ignore[arg-type]
+    [status] = context.statuses
+    assert status.code is grpc.StatusCode.UNAVAILABLE
+    assert status.details == "the database is unavailable; try again"
+    details = status_pb2.Status.FromString(
+        dict(status.trailing_metadata)["grpc-status-details-bin"]
+    )
+    info = error_details_pb2.ErrorInfo()
+    details.details[0].Unpack(info)
+    assert info.reason == "STORE_UNAVAILABLE"
+    assert b"connection refused" not in dict(status.trailing_metadata)["grpc-status-details-bin"]
+
+
 def test_interceptor_maps_unary_and_stream_errors() -> None:
     def unary(request: Any, context: Any) -> Any:
         raise FailedPrecondition("no", reason="LEASE_NOT_HELD")
