@@ -16,13 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import text
 
-from services.common import db, migrations
-from services.common.clock import Clock
 from services.common.errors import BlixardError
-from services.queue.bootstrap import MIGRATIONS
-from services.queue.domain import ItemState, Outcome, RetryPolicy
-from services.queue.manager import Completion, NewItem, QueueManager
-from services.queue.store import QueueStore
+from services.queue.domain import ItemState, Outcome
+from services.queue.manager import Completion, QueueManager
+from tests.storage.queue_support import SteppedClock, make_manager, new
 
 FAULT_POINTS = ("before_write", "after_write", "commit")
 
@@ -41,41 +38,6 @@ class Faults:
         if self.armed == point:
             self.armed = None
             raise InjectedFault(point)
-
-
-class SteppedClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = 0.0
-
-    def timestamp(self) -> float:
-        return super().timestamp() + self.offset
-
-
-def make_manager(
-    url: str, clock: Clock | None = None, faults: Faults | None = None, max_attempts: int = 2
-) -> QueueManager:
-    engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
-    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
-    store = QueueStore(engine, faults or Faults())
-    policy = RetryPolicy(default_max_attempts=max_attempts, base_seconds=0.0, cap_seconds=0.0)
-    return QueueManager(store, clock or Clock(), policy=policy)
-
-
-def new(
-    job_id: str, priority: int = 0, generation: int = 1, worker_types: tuple[str, ...] = ()
-) -> NewItem:
-    return NewItem(
-        job_id=job_id,
-        generation=generation,
-        spec_json='{"command": ["true"]}',
-        priority=priority,
-        max_attempts=0,
-        run_at=None,
-        worker_types=worker_types,
-        labels={},
-        trace_context={},
-    )
 
 
 def store_snapshot(manager: QueueManager) -> dict[str, tuple[str, int, str | None, int]]:

@@ -8,44 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common import db, migrations
-from services.common.clock import Clock
 from services.common.errors import FailedPrecondition
-from services.queue.bootstrap import MIGRATIONS
-from services.queue.domain import ItemState, Outcome, RetryPolicy
+from services.queue.domain import ItemState, Outcome
 from services.queue.manager import NewItem, QueueManager
-from services.queue.store import QueueStore
-
-
-def make_manager(url: str, clock: Clock | None = None) -> QueueManager:
-    engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
-    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
-    return QueueManager(
-        QueueStore(engine),
-        clock or Clock(),
-        policy=RetryPolicy(default_max_attempts=2, base_seconds=0.0, cap_seconds=0.0),
-    )
+from tests.storage.queue_support import SteppedClock, make_manager, new
 
 
 @pytest.fixture
 def manager(database_url: str) -> QueueManager:
     return make_manager(database_url)
-
-
-def new(
-    job_id: str, priority: int = 0, worker_types: tuple[str, ...] = (), generation: int = 1
-) -> NewItem:
-    return NewItem(
-        job_id=job_id,
-        generation=generation,
-        spec_json='{"command": ["true"]}',
-        priority=priority,
-        max_attempts=0,
-        run_at=None,
-        worker_types=worker_types,
-        labels={},
-        trace_context={},
-    )
 
 
 def test_enqueue_is_idempotent_by_job_and_generation(manager: QueueManager) -> None:
@@ -90,15 +61,6 @@ def test_failures_retry_then_dead_letter(manager: QueueManager) -> None:
     assert item.state is ItemState.DEAD_LETTERED and item.exit_code == 3
     manager.redrive("j-1")
     assert manager.get("j-1").state is ItemState.WAITING
-
-
-class SteppedClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = 0.0
-
-    def timestamp(self) -> float:
-        return super().timestamp() + self.offset
 
 
 def test_expired_leases_are_reaped(database_url: str) -> None:

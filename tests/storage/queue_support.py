@@ -1,0 +1,47 @@
+"""What the queue storage tests share: a manager on a real store, items, a clock to step."""
+
+from __future__ import annotations
+
+from services.common import db, migrations
+from services.common.clock import Clock
+from services.queue.bootstrap import MIGRATIONS
+from services.queue.domain import RetryPolicy
+from services.queue.manager import NewItem, QueueManager
+from services.queue.store import Fault, QueueStore, no_faults
+
+
+def make_manager(
+    url: str, clock: Clock | None = None, faults: Fault = no_faults, max_attempts: int = 2
+) -> QueueManager:
+    """A queue manager on the database at ``url``, migrated; retries without waiting."""
+    engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+    policy = RetryPolicy(default_max_attempts=max_attempts, base_seconds=0.0, cap_seconds=0.0)
+    return QueueManager(QueueStore(engine, faults), clock or Clock(), policy=policy)
+
+
+def new(
+    job_id: str, priority: int = 0, worker_types: tuple[str, ...] = (), generation: int = 1
+) -> NewItem:
+    return NewItem(
+        job_id=job_id,
+        generation=generation,
+        spec_json='{"command": ["true"]}',
+        priority=priority,
+        max_attempts=0,
+        run_at=None,
+        worker_types=worker_types,
+        labels={},
+        trace_context={},
+    )
+
+
+class SteppedClock(Clock):
+    """The real clock plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def timestamp(self) -> float:
+        return super().timestamp() + self.offset
