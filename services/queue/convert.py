@@ -42,6 +42,13 @@ def new_item(request: pb.EnqueueRequest) -> NewItem:
     )
 
 
+_ITEM_STATES = {pb.ItemState.Value(f"ITEM_STATE_{s.value}"): s for s in ItemState}
+
+
+def item_state(value: int) -> ItemState | None:
+    return _ITEM_STATES.get(value)  # type: ignore[call-overload, no-any-return]
+
+
 def outcome(value: int) -> Outcome | None:
     return _OUTCOMES.get(value)  # type: ignore[call-overload, no-any-return]
 

@@ -3,6 +3,7 @@ update and its report to the jobs service commit together, or not at all."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from services.common.clock import Clock
-from services.common.errors import Aborted, BlixardError, NotFound
+from services.common.errors import Aborted, BlixardError, InvalidArgument, NotFound
 from services.common.feed import ChangeFeed
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
@@ -47,6 +48,28 @@ class Lease:
     item: Item
     token: str
     deadline: datetime
+
+
+@dataclass(frozen=True)
+class Stats:
+    by_state: dict[str, int]
+    oldest_waiting_age: float
+    waiting_by_worker_types: dict[str, int]
+    leases_expiring: int
+
+
+def encode_token(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            "page_token is not a token this service gave out",
+            violations=[("page_token", "not a token this service gave out")],
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -393,10 +416,26 @@ class QueueManager:
             raise NotFound("item", job_id)
         return item
 
-    def stats(self) -> tuple[dict[str, int], float]:
+    def stats(self, expiring_within: float) -> Stats:
+        now = self.clock.now()
         oldest = self.store.oldest_waiting()
-        age = max(0.0, (self.clock.now() - oldest).total_seconds()) if oldest else 0.0
-        return self.store.counts(), age
+        return Stats(
+            by_state=self.store.counts(),
+            oldest_waiting_age=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+            waiting_by_worker_types=self.store.waiting_by_worker_types(),
+            leases_expiring=self.store.leases_expiring(now + timedelta(seconds=expiring_within)),
+        )
+
+    def list_items(
+        self, page_size: int, page_token: str, states: list[ItemState], worker_type: str
+    ) -> tuple[list[Item], str]:
+        after = decode_token(page_token) if page_token else ""
+        items = self.store.list_items(
+            limit=page_size + 1, after=after, states=states, worker_type=worker_type
+        )
+        if len(items) <= page_size:
+            return items, ""
+        return items[:page_size], encode_token(items[page_size - 1].job_id)
 
     # ---- workers ----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
 from services.common import pbtime
 from services.common.auth import Policy, Role
-from services.common.jobspec import check_labels, check_spec, check_worker_type
+from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
 from services.common.validation import Problems
 from services.queue import convert
 from services.queue.manager import Completion, QueueManager
@@ -28,6 +28,7 @@ POLICY: Policy = {
     "RegisterWorker": _WORKER,
     "GetItem": _READ,
     "GetStats": _READ,
+    "ListItems": _READ,
     "ListWorkers": _READ,
     # Enqueue, CancelItem, Redrive, DrainWorker: the jobs service and operators (admin).
 }
@@ -39,6 +40,8 @@ MAX_LEASE_SECONDS = 3600.0
 MAX_WAIT_SECONDS = 60.0
 MAX_TAIL_BYTES = 64 * 1024
 MAX_BATCH = 256
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -215,10 +218,43 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
     def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.ServicerContext
     ) -> pb.GetStatsResponse:
-        counts, oldest_age = self.manager.stats()
+        problems = Problems()
+        within = 30.0
+        if request.HasField("expiring_within") and check_duration(
+            request.expiring_within, "expiring_within", problems
+        ):
+            within = pbtime.seconds(request.expiring_within)
+            problems.check(0 <= within <= 86400, "expiring_within", "between 0 and 1 day")
+        problems.raise_if_any()
+        stats = self.manager.stats(within)
         return pb.GetStatsResponse(
-            items_by_state={f"ITEM_STATE_{state}": n for state, n in counts.items()},
-            oldest_waiting_age=pbtime.duration(oldest_age),
+            items_by_state={f"ITEM_STATE_{state}": n for state, n in stats.by_state.items()},
+            oldest_waiting_age=pbtime.duration(stats.oldest_waiting_age),
+            waiting_by_worker_types=stats.waiting_by_worker_types,
+            leases_expiring=stats.leases_expiring,
+        )
+
+    def ListItems(
+        self, request: pb.ListItemsRequest, context: grpc.ServicerContext
+    ) -> pb.ListItemsResponse:
+        problems = Problems()
+        problems.check(
+            0 <= request.page_size <= MAX_PAGE_SIZE, "page_size", f"between 0 and {MAX_PAGE_SIZE}"
+        )
+        states = []
+        for i, value in enumerate(request.states):
+            state = convert.item_state(value)
+            if problems.check(state is not None, f"states[{i}]", f"{value} is not an item state"):
+                assert state is not None
+                states.append(state)
+        if request.worker_type:
+            check_worker_type(request.worker_type, "worker_type", problems)
+        problems.raise_if_any()
+        items, token = self.manager.list_items(
+            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, states, request.worker_type
+        )
+        return pb.ListItemsResponse(
+            items=[convert.item_message(item) for item in items], next_page_token=token
         )
 
     def RegisterWorker(

@@ -234,6 +234,35 @@ class QueueStore:
         with self._reads() as session:
             return {state: count for state, count in session.execute(query).all()}
 
+    def waiting_by_worker_types(self) -> dict[str, int]:
+        query = (
+            select(ItemRow.worker_types, func.count())
+            .where(ItemRow.state == ItemState.WAITING.value)
+            .group_by(ItemRow.worker_types)
+        )
+        with self._reads() as session:
+            return {",".join(split_tags(t)) or "any": n for t, n in session.execute(query).all()}
+
+    def leases_expiring(self, before: datetime) -> int:
+        query = (
+            select(func.count())
+            .select_from(ItemRow)
+            .where(ItemRow.state == ItemState.LEASED.value, ItemRow.lease_deadline < before)
+        )
+        with self._reads() as session:
+            return session.scalar(query) or 0
+
+    def list_items(
+        self, *, limit: int, after: str, states: list[ItemState], worker_type: str
+    ) -> list[Item]:
+        query = select(*ITEM_COLUMNS).where(ITEMS.c.job_id > after).order_by(ITEMS.c.job_id)
+        if states:
+            query = query.where(ITEMS.c.state.in_([s.value for s in states]))
+        if worker_type:
+            query = query.where(has_tag(ITEMS.c.worker_types, worker_type))
+        with self._reads() as session:
+            return [_item(row) for row in session.execute(query.limit(limit))]
+
     def oldest_waiting(self) -> datetime | None:
         query = select(func.min(ItemRow.created_at)).where(ItemRow.state == ItemState.WAITING.value)
         with self._reads() as session:

@@ -1,0 +1,128 @@
+"""The queue's operator API over gRPC: ListItems, GetStats, BatchComplete, Redrive."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+from blixard.common.v1 import job_spec_pb2
+from blixard.queue.v1 import queue_service_pb2 as qpb
+
+from services.common import pbtime
+from services.common.errors import describe
+from tests.grpc.conftest import Stack, spec
+
+
+def enqueue(stub, job_id: str, *worker_types: str, max_attempts: int = 0):  # type: ignore[no-untyped-def]
+    requirements = job_spec_pb2.JobRequirements(worker_types=list(worker_types))
+    return stub.Enqueue(
+        qpb.EnqueueRequest(
+            job_id=job_id,
+            generation=1,
+            spec=spec("true", requirements=requirements, max_attempts=max_attempts),
+        ),
+        timeout=10,
+    )
+
+
+def claim(stub, n: int, worker_type: str = "process") -> list[qpb.Lease]:  # type: ignore[no-untyped-def]
+    return list(
+        stub.Claim(
+            qpb.ClaimRequest(
+                worker_id="w-api",
+                worker_type=worker_type,
+                max_items=n,
+                lease_duration=pbtime.duration(5),
+            ),
+            timeout=10,
+        ).leases
+    )
+
+
+def test_list_items_pages_and_filters(make_stack: Callable[..., Stack]) -> None:
+    stub = make_stack().start_pair().queue_stub()
+    for i in range(5):
+        enqueue(stub, f"job-{i}")
+    enqueue(stub, "job-vm", "vm")
+    claim(stub, 2)
+
+    seen, token = [], ""
+    while True:
+        page = stub.ListItems(qpb.ListItemsRequest(page_size=2, page_token=token), timeout=10)
+        seen += [item.job_id for item in page.items]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(seen) and len(seen) == 6
+
+    leased = stub.ListItems(qpb.ListItemsRequest(states=[qpb.ITEM_STATE_LEASED]), timeout=10)
+    assert [i.state for i in leased.items] == [qpb.ITEM_STATE_LEASED] * 2
+    vm_ok = stub.ListItems(qpb.ListItemsRequest(worker_type="mock"), timeout=10)
+    assert "job-vm" not in [i.job_id for i in vm_ok.items] and len(vm_ok.items) == 5
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListItems(qpb.ListItemsRequest(page_size=-1, states=[42]), timeout=10)
+    assert {f for f, _ in describe(error.value).field_violations} == {"page_size", "states[0]"}
+
+
+def test_get_stats_counts_by_state_and_worker_type(make_stack: Callable[..., Stack]) -> None:
+    stub = make_stack().start_pair().queue_stub()
+    for i in range(3):
+        enqueue(stub, f"job-{i}")
+    enqueue(stub, "job-vm", "vm", "process")
+    claim(stub, 1)  # job-0 leased for 5 s
+
+    stats = stub.GetStats(qpb.GetStatsRequest(), timeout=10)
+    assert dict(stats.items_by_state) == {"ITEM_STATE_WAITING": 3, "ITEM_STATE_LEASED": 1}
+    assert dict(stats.waiting_by_worker_types) == {"any": 2, "vm,process": 1}
+    assert stats.leases_expiring == 1  # within the default 30 s
+    soon = stub.GetStats(qpb.GetStatsRequest(expiring_within=pbtime.duration(1)), timeout=10)
+    assert soon.leases_expiring == 0
+    assert stats.oldest_waiting_age.ToNanoseconds() >= 0
+
+
+def test_batch_complete_gives_each_completion_its_own_result(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stub = make_stack().start_pair().queue_stub()
+    for i in range(3):
+        enqueue(stub, f"job-{i}", max_attempts=1)
+    leases = claim(stub, 3)
+    ok = job_spec_pb2.OUTCOME_SUCCEEDED
+    reply = stub.BatchComplete(
+        qpb.BatchCompleteRequest(
+            requests=[
+                qpb.CompleteRequest(lease_token=leases[0].lease_token, outcome=ok, exit_code=0),
+                qpb.CompleteRequest(lease_token="not-a-lease", outcome=ok),
+                qpb.CompleteRequest(
+                    lease_token=leases[2].lease_token,
+                    outcome=job_spec_pb2.OUTCOME_FAILED,
+                    exit_code=2,
+                ),
+            ]
+        ),
+        timeout=10,
+    )
+    first, stale, failed = reply.results
+    assert first.item.state == qpb.ITEM_STATE_SUCCEEDED
+    assert stale.error.reason == "LEASE_NOT_HELD" and stale.error.code == 9
+    assert failed.item.state == qpb.ITEM_STATE_DEAD_LETTERED and failed.item.exit_code == 2
+    # the second lease was not touched by the refused completion
+    assert (
+        stub.GetItem(qpb.GetItemRequest(job_id=leases[1].item.job_id), timeout=10).item.state
+        == qpb.ITEM_STATE_LEASED
+    )
+
+    redriven = stub.Redrive(qpb.RedriveRequest(job_id=leases[2].item.job_id), timeout=10)
+    assert redriven.item.state == qpb.ITEM_STATE_WAITING
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.BatchComplete(
+            qpb.BatchCompleteRequest(
+                requests=[qpb.CompleteRequest(outcome=ok), qpb.CompleteRequest(lease_token="x")]
+            ),
+            timeout=10,
+        )
+    fields = {f for f, _ in describe(error.value).field_violations}
+    assert fields == {"requests[0].lease_token", "requests[1].outcome"}
