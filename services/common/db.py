@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,18 @@ def _sqlite(url: str, database: str | None, setting: str) -> Engine:
 
     _check(engine, url, setting)
     return engine
+
+
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def write_lock(engine: Engine) -> AbstractContextManager[Any]:
+    """What a write transaction holds while it runs. SQLite has one writer at a time;
+    writers of this process queue on this lock instead of SQLite's busy handler, which
+    sleeps and polls (long tail latencies). Other databases: no lock."""
+    if engine.dialect.name != "sqlite":
+        return nullcontext()
+    return _WRITE_LOCKS.setdefault(engine.pool, threading.Lock())
 
 
 def reader(engine: Engine) -> Engine:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from services.common import telemetry
 from services.common.backoff import backoff
 from services.common.clock import Clock
-from services.common.db import reader
+from services.common.db import reader, write_lock
 from services.common.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -69,27 +69,26 @@ class SqlOutbox:
         self._row: Any = row
         self._sessions = sessionmaker(engine)
         self._reads = sessionmaker(reader(engine))
+        self._write_lock = write_lock(engine)
 
     def add_many(
         self, session: Session, messages: list[tuple[str, str, dict[str, Any], datetime]]
     ) -> None:
         """Several messages in one statement: (topic, key, payload, now) each."""
         if messages:
-            session.execute(
-                insert(self._row),
-                [
-                    dict(
-                        topic=t,
-                        key=k,
-                        payload=json.dumps(p),
-                        created_at=now,
-                        next_attempt_at=now,
-                        attempts=0,
-                        last_error="",
-                    )
-                    for t, k, p, now in messages
-                ],
-            )
+            rows = [
+                {
+                    "topic": t,
+                    "key": k,
+                    "payload": json.dumps(p),
+                    "created_at": now,
+                    "next_attempt_at": now,
+                    "attempts": 0,
+                    "last_error": "",
+                }
+                for t, k, p, now in messages
+            ]
+            session.connection().execute(insert(self._row.__table__), rows)
 
     def add(
         self, session: Session, topic: str, key: str, payload: dict[str, Any], now: datetime
@@ -116,12 +115,12 @@ class SqlOutbox:
             ]
 
     def delivered(self, message_id: int) -> None:
-        with self._sessions.begin() as session:
+        with self._write_lock, self._sessions.begin() as session:
             session.execute(delete(self._row).where(self._row.id == message_id))
 
     def postpone(self, message_id: int, until: datetime, error: str) -> None:
         row = self._row
-        with self._sessions.begin() as session:
+        with self._write_lock, self._sessions.begin() as session:
             session.execute(
                 sql_update(row)
                 .where(row.id == message_id)

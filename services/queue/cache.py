@@ -85,6 +85,14 @@ class ItemCache:
         for item in items:
             self.apply(item)
 
+    def load_entries(self, entries: Iterable[Entry], now: float) -> None:
+        """Fill an empty cache at start-up (items due by ``now`` go straight to the index)."""
+        with self._lock:
+            self._now = max(self._now, now)
+            for entry in entries:
+                self._entries[entry.job_id] = entry
+                self._index(entry)
+
     def apply(self, item: Item) -> None:
         """Record a committed item (a live one is indexed, an ended one forgotten). An
         older version than the cache already has is ignored."""

@@ -103,9 +103,10 @@ class QueueManager:
         self.worker_timeout = worker_timeout
         self.feed = feed or ChangeFeed()
         self._stop = threading.Event()
+        self._seen_workers: dict[str, tuple[float, Worker]] = {}
         if cache is None:
             cache = ItemCache()
-            cache.load(store.live_items())
+            cache.load_entries(store.live_entries(), clock.timestamp())
         self.cache = cache
 
     # ---- the two halves of every write ------------------------------------------------
@@ -293,6 +294,20 @@ class QueueManager:
         return leases
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
+        """Record that the worker was seen. A worker claiming in a loop is written at most
+        every worker_timeout/4 (what this replica last wrote is remembered), so claims do
+        not each pay a write transaction; DrainWorker and offline marks reset that."""
+        seen = self._seen_workers.get(worker_id)
+        now_mono = self.clock.monotonic()
+        if seen is not None and now_mono - seen[0] < self.worker_timeout / 4:
+            return seen[1]
+        worker = self._write_worker_seen(worker_id, worker_type, labels)
+        self._seen_workers[worker_id] = (now_mono, worker)
+        return worker
+
+    def _write_worker_seen(
+        self, worker_id: str, worker_type: str, labels: dict[str, str]
+    ) -> Worker:
         def work(tx: Transaction) -> Worker:
             now = self.clock.now()
             worker = tx.worker(worker_id)
@@ -448,7 +463,9 @@ class QueueManager:
             tx.put_worker(worker)
             return worker
 
-        return self._write(work, lambda _: [], [])
+        worker = self._write(work, lambda _: [], [])
+        self._seen_workers[worker_id] = (self.clock.monotonic(), worker)
+        return worker
 
     def drain_worker(self, worker_id: str) -> Worker:
         def work(tx: Transaction) -> Worker:
@@ -459,7 +476,9 @@ class QueueManager:
             tx.put_worker(worker)
             return worker
 
-        return self._write(work, lambda _: [], [])
+        worker = self._write(work, lambda _: [], [])
+        self._seen_workers.pop(worker_id, None)
+        return worker
 
     def workers(self) -> list[Worker]:
         return self.store.workers()
@@ -480,6 +499,7 @@ class QueueManager:
                 reaped.append(item)
             cutoff = now - timedelta(seconds=self.worker_timeout)
             for worker in tx.silent_workers(cutoff):
+                self._seen_workers.pop(worker.worker_id, None)
                 worker.state = WorkerState.OFFLINE
                 tx.put_worker(worker)
                 for item in tx.leased_by(worker.worker_id):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any, cast
 
@@ -14,15 +13,25 @@ from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import has_tag, join_tags, reader, split_tags
+from services.common.db import has_tag, join_tags, reader, split_tags, write_lock
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
+from services.queue.cache import Entry
 from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
 from services.queue.models import ItemRow, OutboxRow, WorkerRow
 
 Fault = Callable[[str], None]
 ITEMS = cast(Table, ItemRow.__table__)
 ITEM_COLUMNS = list(ITEMS.c)
+
+
+# One conditional UPDATE for every batch write (built once: building it costs more than
+# running it).
+_SAVE_MANY = (
+    update(ITEMS)
+    .where(ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version"))
+    .values({c.name: bindparam(f"v_{c.name}") for c in ITEM_COLUMNS})
+)
 
 
 def no_faults(point: str) -> None:
@@ -60,14 +69,7 @@ class Transaction:
                     "w_version": expected,
                 }
             )
-        statement = (
-            update(ITEMS)
-            .where(
-                ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version")
-            )
-            .values({c.name: bindparam(f"v_{c.name}") for c in ITEM_COLUMNS})
-        )
-        result = self.session.connection().execute(statement, params)
+        result = self.session.connection().execute(_SAVE_MANY, params)
         if result.rowcount not in (len(params), -1):
             raise Aborted("items were changed concurrently", reason="CONFLICT")
 
@@ -179,10 +181,11 @@ class QueueStore:
         self._reads = sessionmaker(reader(engine), expire_on_commit=False)
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
+        self._write_lock = write_lock(engine)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        with self._sessions.begin() as session:
+        with self._write_lock, self._sessions.begin() as session:
             yield Transaction(session, self.outbox, self.fault)
             self.fault("after_write")
             session.flush()
@@ -207,6 +210,47 @@ class QueueStore:
             if len(page) < batch:
                 return
             after = page[-1].job_id
+
+    def live_entries(self, batch: int = 50_000) -> Iterator[Entry]:
+        """Cache entries of every live item, reading only the columns they need (the
+        start-up load of a large queue)."""
+        c = ITEMS.c
+        after = ""
+        while True:
+            query = (
+                select(
+                    c.job_id,
+                    c.version,
+                    c.state,
+                    c.priority,
+                    c.seq,
+                    c.run_at,
+                    c.worker_types,
+                    c.labels,
+                )
+                .where(
+                    c.state.in_([ItemState.WAITING.value, ItemState.LEASED.value]), c.job_id > after
+                )
+                .order_by(c.job_id)
+                .limit(batch)
+            )
+            with self._reads() as session:
+                rows = session.execute(query).all()
+            for row in rows:
+                labels = json.loads(row.labels) if row.labels != "{}" else {}
+                yield Entry(
+                    row.job_id,
+                    row.version,
+                    ItemState(row.state),
+                    row.priority,
+                    row.seq,
+                    to_utc(row.run_at).timestamp(),
+                    split_tags(row.worker_types),
+                    tuple(sorted(labels.items())),
+                )
+            if len(rows) < batch:
+                return
+            after = rows[-1].job_id
 
     def waiting(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
         """The best waiting items for a worker type, read without locks (to pick up what
@@ -277,7 +321,7 @@ class QueueStore:
 
 
 def _payload(report: Report) -> dict[str, object]:
-    payload = asdict(report)
+    payload = dict(report.__dict__)  # flat fields: no deep copy needed
     payload["at"] = report.at.isoformat()
     return payload
 

@@ -130,3 +130,16 @@ def test_run_at_in_the_future_is_not_claimed(manager: QueueManager) -> None:
     item = new("later")
     manager.enqueue(NewItem(**{**item.__dict__, "run_at": datetime.now(UTC) + timedelta(hours=1)}))
     assert manager.claim("w", "process", {}, 1, 30) == []
+
+
+def test_a_restarted_queue_loads_its_items_from_the_store(database_url: str) -> None:
+    first = make_manager(database_url)
+    for job_id, priority in [("a", 0), ("b", 3), ("c", 0)]:
+        first.enqueue(new(job_id, priority))
+    [lease] = first.claim("w", "process", {}, 1, 30)
+    assert lease.item.job_id == "b"
+
+    restarted = make_manager(database_url)
+
+    assert restarted.cache.view() == first.cache.view()
+    assert [x.item.job_id for x in restarted.claim("w", "process", {}, 5, 30)] == ["a", "c"]
