@@ -34,7 +34,12 @@ $(STUBS): $(INSTALLED) $(PROTOS)
 
 protos: $(STUBS)
 
-run: $(STUBS)
+# The guest image for the VM service (Debian's kernel, busybox, the agent); cached, rebuilt
+# only when its inputs change. `make run` builds it where QEMU is installed.
+vm-image:
+	$(PYTHON) vm/build_image.py --out var/vm-image
+
+run: $(STUBS) $(if $(shell command -v qemu-system-x86_64 2>/dev/null),vm-image)
 	$(PY) -m tools.run_suite
 
 test: $(STUBS)

@@ -46,6 +46,18 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 3
     return False
 
 
+def vm_manager_available(address: str) -> bool:
+    from blixard.vms.v1 import vm_service_pb2, vm_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = vm_service_pb2_grpc.VmServiceStub(channel)
+        try:
+            info = stub.GetManagerInfo(vm_service_pb2.GetManagerInfoRequest(), timeout=5.0)
+        except grpc.RpcError:
+            return False
+    return bool(info.available)
+
+
 def main() -> int:
     os.chdir(ROOT)
     (ROOT / "var").mkdir(exist_ok=True)
@@ -77,10 +89,15 @@ def main() -> int:
                 )
                 return 1
         spawn("worker", "services.worker")
+        vms = f"127.0.0.1:{port_of('VMS_GRPC_PORT', 50053)}"
+        if vm_manager_available(vms):  # a vm worker beside it, for ISOLATION_LEVEL_VM jobs
+            os.environ.update(WORKER_TYPE="vm", WORKER_VMS_ADDRESS=vms)
+            spawn("vm-worker", "services.worker")
         print("\nBlixard is running (SQLite under ./var/):", flush=True)
         for name, _module, setting, default in SERVICES:
             print(f"  {name:<6} 127.0.0.1:{port_of(setting, default)}")
-        print("  worker  1 process worker\nPress Ctrl-C to stop.\n", flush=True)
+        workers = "1 process worker" + (", 1 vm worker" if len(children) > 4 else "")
+        print(f"  worker  {workers}\nPress Ctrl-C to stop.\n", flush=True)
         while not stopping:
             for name, process in children:
                 if process.poll() is not None:

@@ -140,7 +140,13 @@ def jobs_env(
 
 
 def vms_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {"VMS_GRPC_HOST": "127.0.0.1", "VMS_GRPC_PORT": "0", **(extra or {})}
+    # No VM manager unless a test asks for one: with QEMU installed, `auto` would boot VMs.
+    return {
+        "VMS_GRPC_HOST": "127.0.0.1",
+        "VMS_GRPC_PORT": "0",
+        "VMS_MANAGER": "none",
+        **(extra or {}),
+    }
 
 
 @dataclass
