@@ -109,6 +109,10 @@ class Deployment:
             "VMS_GRPC_PORT": str(vms_port),
             "JOBS_DATABASE_URL": f"sqlite:///{workdir}/jobs.sqlite3",
             "QUEUE_DATABASE_URL": f"sqlite:///{workdir}/queue.sqlite3",
+            # No microVMs unless a test asks for them (extra_env): they cost a core each.
+            "VMS_MANAGER": "none",
+            "VMS_DATABASE_URL": f"sqlite:///{workdir}/vms.sqlite3",
+            "VMS_STATE_DIR": f"{workdir}/vms",
             "JOBS_QUEUE_ADDRESS": f"127.0.0.1:{queue_port}",
             "QUEUE_JOBS_ADDRESS": f"127.0.0.1:{jobs_port}",
             "WORKER_QUEUE_ADDRESS": f"127.0.0.1:{queue_port}",

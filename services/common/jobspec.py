@@ -27,6 +27,16 @@ MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_VCPUS = 64
 MAX_MEMORY_MB = 256 * 1024
 MAX_PATH = 4096
+VM_WORKER_TYPE = "vm"
+
+
+def worker_types_for(requirements: job_spec_pb2.JobRequirements) -> tuple[str, ...]:
+    """The worker types that may take a job: those it names; a job asking for isolation
+    VM and naming none goes to vm workers only."""
+    if not requirements.worker_types and requirements.isolation == job_spec_pb2.ISOLATION_LEVEL_VM:
+        return (VM_WORKER_TYPE,)
+    return tuple(requirements.worker_types)
+
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$")
@@ -133,6 +143,12 @@ def check_spec(spec: job_spec_pb2.JobSpec, field: str, problems: Problems) -> No
     )
     for i, worker_type in enumerate(req.worker_types):
         check_worker_type(worker_type, f"{rfield}.worker_types[{i}]", problems)
+    if req.isolation == job_spec_pb2.ISOLATION_LEVEL_VM and req.worker_types:
+        problems.check(
+            VM_WORKER_TYPE in req.worker_types,
+            f"{rfield}.worker_types",
+            f'a job with isolation VM runs on "{VM_WORKER_TYPE}" workers: name it, or name none',
+        )
     problems.check(req.vcpus <= MAX_VCPUS, f"{rfield}.vcpus", f"at most {MAX_VCPUS}")
     problems.check(
         req.memory_mb <= MAX_MEMORY_MB, f"{rfield}.memory_mb", f"at most {MAX_MEMORY_MB}"

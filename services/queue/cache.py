@@ -127,13 +127,18 @@ class ItemCache:
     # ---- the claim transaction --------------------------------------------------------
 
     def stage_claim(
-        self, worker_type: str, labels: dict[str, str], max_items: int, now: float
+        self,
+        worker_type: str,
+        labels: dict[str, str],
+        max_items: int,
+        now: float,
+        named_only: bool = False,
     ) -> list[Entry]:
         """Take up to ``max_items`` claimable entries, best first, out of the index."""
         with self._lock:
             self._promote(now)
             taken: list[Entry] = []
-            for key in self._candidates(worker_type):
+            for key in self._candidates(worker_type, named_only):
                 entry = self._entries[key[2]]
                 if entry.accepts(labels):
                     taken.append(entry)
@@ -193,8 +198,9 @@ class ItemCache:
 
     # ---- inside the lock --------------------------------------------------------------
 
-    def _candidates(self, worker_type: str) -> Iterator[Key]:
-        lists = [keys for t in {worker_type, ANY} if (keys := self._ready.get(t))]
+    def _candidates(self, worker_type: str, named_only: bool) -> Iterator[Key]:
+        types = {worker_type} if named_only else {worker_type, ANY}
+        lists = [keys for t in types if (keys := self._ready.get(t))]
         if len(lists) == 1:
             return iter(lists[0])
         return heapq.merge(*lists)

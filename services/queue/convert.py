@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from services.common import pbtime
 from services.common.errors import BlixardError
+from services.common.jobspec import worker_types_for
 from services.queue.domain import Item, ItemState, Outcome, Report, Worker, WorkerState
 from services.queue.manager import Lease, NewItem
 
@@ -36,7 +37,7 @@ def new_item(request: pb.EnqueueRequest) -> NewItem:
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         run_at=pbtime.from_timestamp(spec.run_at) if spec.HasField("run_at") else None,
-        worker_types=tuple(spec.requirements.worker_types),
+        worker_types=worker_types_for(spec.requirements),
         labels=dict(spec.requirements.labels),
         trace_context=dict(request.trace_context),
     )

@@ -230,6 +230,7 @@ class QueueManager:
         max_items: int,
         lease_seconds: float,
         wait_seconds: float = 0.0,
+        named_only: bool = False,
     ) -> list[Lease]:
         worker = self._touch_worker(worker_id, worker_type, labels)
         if worker.state is WorkerState.DRAINING:
@@ -237,7 +238,9 @@ class QueueManager:
         deadline = self.clock.monotonic() + wait_seconds
         while True:
             seen = self.feed.version
-            leases = self._claim_once(worker_id, worker_type, labels, max_items, lease_seconds)
+            leases = self._claim_once(
+                worker_id, worker_type, labels, max_items, lease_seconds, named_only
+            )
             remaining = deadline - self.clock.monotonic()
             if leases or remaining <= 0 or self._stop.is_set():
                 return leases
@@ -251,13 +254,18 @@ class QueueManager:
         labels: dict[str, str],
         max_items: int,
         lease_seconds: float,
+        named_only: bool = False,
     ) -> list[Lease]:
         now = self.clock.now()
-        staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp())
+        staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp(), named_only)
         if not staged:
             # Nothing here: pick up what another replica enqueued, then look again.
-            self.cache.load(self.store.waiting(worker_type, now, max(4 * max_items, 64)))
-            staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp())
+            self.cache.load(
+                self.store.waiting(worker_type, now, max(4 * max_items, 64), named_only)
+            )
+            staged = self.cache.stage_claim(
+                worker_type, labels, max_items, now.timestamp(), named_only
+            )
             if not staged:
                 return []
         try:

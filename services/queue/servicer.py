@@ -135,6 +135,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             request.max_items or 1,
             lease,
             wait,
+            named_only=request.named_only,
         )
         return pb.ClaimResponse(leases=[convert.lease_message(lease) for lease in leases])
 

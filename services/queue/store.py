@@ -252,7 +252,9 @@ class QueueStore:
                 return
             after = rows[-1].job_id
 
-    def waiting(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
+    def waiting(
+        self, worker_type: str, now: datetime, limit: int, named_only: bool = False
+    ) -> list[Item]:
         """The best waiting items for a worker type, read without locks (to pick up what
         another replica enqueued)."""
         query = (
@@ -260,7 +262,9 @@ class QueueStore:
             .where(
                 ITEMS.c.state == ItemState.WAITING.value,
                 ITEMS.c.run_at <= now,
-                has_tag(ITEMS.c.worker_types, worker_type),
+                ITEMS.c.worker_types.contains(f",{worker_type},")
+                if named_only
+                else has_tag(ITEMS.c.worker_types, worker_type),
             )
             .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
             .limit(limit)

@@ -54,6 +54,9 @@ def test_readme_walkthrough_runs_verbatim_against_make_run(tmp_path: Path) -> No
     env.update(
         JOBS_DATABASE_URL=f"sqlite:///{tmp_path}/jobs.sqlite3",
         QUEUE_DATABASE_URL=f"sqlite:///{tmp_path}/queue.sqlite3",
+        VMS_DATABASE_URL=f"sqlite:///{tmp_path}/vms.sqlite3",
+        VMS_STATE_DIR=f"{tmp_path}/vms",
+        VMS_MANAGER="none",  # the VM path has tests of its own (tests/system/test_vm_qemu.py)
     )
     suite = subprocess.Popen(
         [sys.executable, "-m", "tools.run_suite"],

@@ -150,3 +150,20 @@ def test_field_prefix_is_the_callers() -> None:
     problems = Problems()
     jobspec.check_spec(job_spec_pb2.JobSpec(), "request.spec", problems)
     assert [v.field for v in problems] == ["request.spec.command"]
+
+
+def test_a_vm_job_must_be_able_to_reach_a_vm_worker() -> None:
+    from services.common.jobspec import worker_types_for
+
+    vm = job_spec_pb2.ISOLATION_LEVEL_VM
+    spec = job_spec_pb2.JobSpec(command=["uname", "-r"])
+    spec.requirements.isolation = vm
+    assert worker_types_for(spec.requirements) == ("vm",)
+    problems = Problems()
+    jobspec.check_spec(spec, "spec", problems)
+    assert len(problems) == 0
+    spec.requirements.worker_types.append("process")
+    jobspec.check_spec(spec, "spec", problems)
+    assert [v.field for v in problems] == ["spec.requirements.worker_types"]
+    spec.requirements.worker_types.append("vm")
+    assert worker_types_for(spec.requirements) == ("process", "vm")

@@ -129,3 +129,11 @@ def test_a_stale_delayed_entry_is_skipped() -> None:
     cache.load([item("x", run_at=later)])
     cache.apply(replace(item("x", version=2), state=ItemState.LEASED))
     assert cache.stage_claim("process", {}, 5, later.timestamp()) == []
+
+
+def test_named_only_claims_skip_items_that_accept_any_worker() -> None:
+    cache = ItemCache()
+    cache.load([item("plain", seq=1), item("vm-job", seq=2, worker_types=("vm",))])
+    staged = cache.stage_claim("vm", {}, 5, NOW, named_only=True)
+    assert [e.job_id for e in staged] == ["vm-job"]
+    assert claim_ids(cache, 5) == ["plain"]
