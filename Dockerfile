@@ -31,9 +31,21 @@ USER blixard
 ENTRYPOINT ["python3", "-m"]
 CMD ["services.jobs"]
 
+# The guest image (Debian's kernel, busybox, the agent), built from Debian packages.
+FROM ${BASE_IMAGE} AS vm-image
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      busybox-static cpio gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY vm /src/vm
+RUN apt-get update && python3 /src/vm/build_image.py --out /opt/vm-image \
+ && rm -rf /var/lib/apt/lists/*
+
 FROM runtime AS vms
 USER root
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=vm-image /opt/vm-image /opt/vm-image
+ENV VMS_IMAGE_DIR=/opt/vm-image
 USER blixard

@@ -79,6 +79,7 @@ def stack() -> Iterator[Stack]:
         # quicker recovery from the faults the tests inject
         "WORKER_LEASE_SECONDS": "6",
         "QUEUE_WORKER_TIMEOUT": "10",
+        "VMS_PRE_WARM_COUNT": "0",  # a warm microVM would take a core for the whole run
     }
     stack = Stack(
         f"blixard-test-{secrets.token_hex(3)}",

@@ -163,3 +163,25 @@ def test_a_killed_worker_containers_job_finishes_on_the_other_worker(stack: Stac
     assert done.attempts == 2
     assert "finished" in done.output_tail
     stack.compose("up", "-d", "--wait", "--scale", "worker=2", timeout=300)
+
+
+def test_a_vm_job_runs_in_a_microvm_inside_the_stack(stack: Stack) -> None:
+    from blixard.vms.v1 import vm_service_pb2 as vpb
+    from blixard.vms.v1 import vm_service_pb2_grpc as vpb_grpc
+
+    vms = vpb_grpc.VmServiceStub(stack.deployment.channel(stack.deployment.vms))
+    info = vms.GetManagerInfo(vpb.GetManagerInfoRequest(), timeout=30)
+    assert info.available, info.reason
+    assert info.backend == "qemu"
+
+    stub = jobs_stub(stack)
+    spec = job_spec_pb2.JobSpec(command=["uname", "-r"])
+    spec.requirements.isolation = job_spec_pb2.ISOLATION_LEVEL_VM
+    job_id = stub.SubmitJob(
+        pb.SubmitJobRequest(request_id=str(uuid.uuid4()), spec=spec), timeout=10
+    ).job.job_id
+
+    done = wait_all_succeeded(stub, [job_id], timeout=240)[job_id]
+
+    assert done.output_tail.strip() and done.output_tail.strip() != os.uname().release
+    assert done.worker_id  # the vm worker ran it
