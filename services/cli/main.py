@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         if name == "cancel":
             command.add_argument("--reason", default="")
+        if name == "watch":
+            command.add_argument(
+                "--follow",
+                "-f",
+                action="store_true",
+                help="print the job's output as it runs (to stdout; the end state to stderr)",
+            )
 
     listing = commands.add_parser("list", parents=[common], help="list jobs, oldest first")
     listing.add_argument("--state", action="append", default=[])
@@ -189,7 +196,43 @@ class Cli:
         return EXIT_OK
 
     def watch(self, args: argparse.Namespace) -> int:
+        if args.follow:
+            return self._follow_output(args.job_id)
         return self._follow(args.job_id, quiet=False)
+
+    def _follow_output(self, job_id: str) -> int:
+        """Print the output live (stdout, bytes as they come), then end by the job's state."""
+        out = sys.stdout.buffer
+        while True:
+            attempt, cursor = 0, 0
+            request = pb.GetJobOutputRequest(job_id=job_id, follow=True)
+            for chunk in self.stub.GetJobOutput(request):
+                if self.as_json:
+                    self.emit(chunk)
+                    continue
+                if chunk.attempt != attempt:
+                    if attempt:
+                        print(f"blixctl: attempt {chunk.attempt}", file=sys.stderr, flush=True)
+                    attempt, cursor = chunk.attempt, 0
+                if chunk.offset > cursor:
+                    out.flush()
+                    print(
+                        f"blixctl: [{chunk.offset - cursor} bytes of output not kept]",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                out.write(chunk.data)
+                out.flush()
+                cursor = chunk.offset + len(chunk.data)
+            job = self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT).job
+            if job.state in TERMINAL:
+                break
+        if self.as_json:
+            self.emit(job)
+        else:
+            exit_code = f" (exit code {job.exit_code})" if job.HasField("exit_code") else ""
+            print(f"blixctl: job {job_id} {_name(job.state)}{exit_code}", file=sys.stderr)
+        return _exit_code(job.state)
 
     def events(self, args: argparse.Namespace) -> int:
         request = pb.ListJobEventsRequest(job_id=args.job_id)
@@ -252,9 +295,14 @@ class Cli:
             return EXIT_RPC
         if not self.as_json:
             self.show(last)
-        return {pb.JOB_STATE_SUCCEEDED: EXIT_OK, pb.JOB_STATE_CANCELLED: EXIT_CANCELLED}.get(
-            last.state, EXIT_FAILED
-        )
+        return _exit_code(last.state)
+
+
+def _exit_code(state: int) -> int:
+    """0 SUCCEEDED, 3 CANCELLED, 1 otherwise (FAILED)."""
+    if state == pb.JOB_STATE_SUCCEEDED:
+        return EXIT_OK
+    return EXIT_CANCELLED if state == pb.JOB_STATE_CANCELLED else EXIT_FAILED
 
 
 def _name(state: int) -> str:

@@ -8,7 +8,16 @@ from google.protobuf import json_format
 
 from services.common import pbtime, telemetry
 from services.common.errors import InvalidArgument
-from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex, StatusUpdate
+from services.common.jobspec import worker_types_for
+from services.jobs.domain import (
+    Job,
+    JobEvent,
+    JobFilter,
+    JobState,
+    OutputChunk,
+    SpecIndex,
+    StatusUpdate,
+)
 
 _STATE_TO_PB = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
 _STATE_FROM_PB = {value: state for state, value in _STATE_TO_PB.items()}
@@ -22,7 +31,7 @@ def spec_json(spec: job_spec_pb2.JobSpec) -> str:
 
 
 def spec_index(spec: job_spec_pb2.JobSpec) -> SpecIndex:
-    return SpecIndex(labels=dict(spec.labels), worker_types=tuple(spec.requirements.worker_types))
+    return SpecIndex(labels=dict(spec.labels), worker_types=worker_types_for(spec.requirements))
 
 
 def is_state(value: int) -> bool:
@@ -77,10 +86,21 @@ def job_message(job: Job) -> pb.Job:
         start_time=pbtime.timestamp(job.started_at),
         end_time=pbtime.timestamp(job.ended_at),
         trace_id=telemetry.trace_id_of(job.trace_context),
+        output_bytes=job.output_bytes,
     )
     if job.exit_code is not None:
         message.exit_code = job.exit_code
     return message
+
+
+def output_message(
+    generation: int, attempt: int, chunk: OutputChunk, after: int
+) -> pb.GetJobOutputResponse:
+    """The part of ``chunk`` past offset ``after``."""
+    skip = max(0, after - chunk.start)
+    return pb.GetJobOutputResponse(
+        generation=generation, attempt=attempt, offset=chunk.start + skip, data=chunk.data[skip:]
+    )
 
 
 def event_message(event: JobEvent) -> pb.JobEvent:

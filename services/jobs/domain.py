@@ -95,6 +95,8 @@ class Job:
     # before a redrive reset it): attempts = attempts_base + the queue's attempt number.
     attempts_base: int = 0
     trace_context: dict[str, str] = field(default_factory=dict)
+    # Bytes of output the latest finished attempt wrote, as its worker reported.
+    output_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ def retry(job: Job, now: datetime, actor: str) -> JobEvent:
     job.last_sequence = 0
     job.exit_code = None
     job.output_tail = ""
+    job.output_bytes = 0
     job.error = ""
     job.worker_id = ""
     job.started_at = None
@@ -223,3 +226,63 @@ def _record_result(job: Job, update: StatusUpdate, *, keep_error: bool) -> None:
         job.error = update.error
     if update.worker_id:
         job.worker_id = update.worker_id
+
+
+# ---- output of running jobs ----------------------------------------------------------------
+
+# Output kept per job and generation: the last 1 MiB of its latest attempt.
+OUTPUT_KEEP_BYTES = 1024 * 1024
+# Bytes in one stored chunk: small appends are merged into the last chunk up to this.
+OUTPUT_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """Where a generation's stored output stands: the execution it comes from (its latest
+    attempt) and the offset after the last byte received from it."""
+
+    attempt: int
+    execution_id: str
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Bytes ``start`` .. ``start + len(data)`` of an attempt's output."""
+
+    start: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+
+@dataclass(frozen=True)
+class OutputRead:
+    """What a reader gets: the attempt the chunks belong to, and the chunks past its cursor."""
+
+    generation: int
+    attempt: int
+    chunks: tuple[OutputChunk, ...] = ()
+
+
+def starts_new_output(
+    job_id: str, head: OutputHead | None, attempt: int, execution_id: str
+) -> bool:
+    """True when this execution's output replaces what is stored (nothing yet, a later
+    attempt, or the same attempt run again after its lease was given back); an earlier
+    attempt than the stored one is refused: its output was replaced."""
+    if head is None or attempt > head.attempt:
+        return True
+    if attempt == head.attempt:
+        return execution_id != head.execution_id
+    if attempt < head.attempt:
+        raise FailedPrecondition(
+            f"job {job_id}: the output of attempt {attempt} was replaced by attempt "
+            f"{head.attempt}'s",
+            subject=f"jobs/{job_id}",
+            reason="STALE_ATTEMPT",
+            metadata={"attempt": str(attempt), "current_attempt": str(head.attempt)},
+        )
+    return False

@@ -17,7 +17,15 @@ from datetime import datetime
 from typing import Any
 
 from services.common.outbox import Message
-from services.jobs.domain import Job, JobEvent, JobFilter, SpecIndex
+from services.jobs.domain import (
+    Job,
+    JobEvent,
+    JobFilter,
+    OutputChunk,
+    OutputHead,
+    OutputRead,
+    SpecIndex,
+)
 from services.jobs.store import DuplicateRequest
 
 
@@ -28,6 +36,8 @@ class _State:
     index: dict[str, SpecIndex] = field(default_factory=dict)
     events: list[JobEvent] = field(default_factory=list)
     outbox: dict[int, tuple[Message, datetime]] = field(default_factory=dict)
+    output_heads: dict[tuple[str, int], OutputHead] = field(default_factory=dict)
+    output: dict[tuple[str, int], list[OutputChunk]] = field(default_factory=dict)
 
 
 class FakeOutbox:
@@ -98,6 +108,38 @@ class FakeTransaction:
             self.state, topic, job.job_id, {"job_id": job.job_id, "generation": job.generation}, now
         )
 
+    def output_head(self, job_id: str, generation: int) -> OutputHead | None:
+        return self.state.output_heads.get((job_id, generation))
+
+    def start_output(self, job_id: str, generation: int, head: OutputHead, existed: bool) -> None:
+        self.state.output_heads[(job_id, generation)] = head
+        self.state.output[(job_id, generation)] = []
+
+    def add_output(
+        self, job_id: str, generation: int, chunk: OutputChunk, merge_up_to: int
+    ) -> None:
+        chunks = self.state.output[(job_id, generation)]
+        last = chunks[-1] if chunks else None
+        if (
+            last is not None
+            and last.end == chunk.start
+            and last.end - last.start + len(chunk.data) <= merge_up_to
+        ):
+            chunks[-1] = OutputChunk(last.start, last.data + chunk.data)
+        else:
+            chunks.append(chunk)
+        head = self.state.output_heads[(job_id, generation)]
+        self.state.output_heads[(job_id, generation)] = replace(head, next_offset=chunk.end)
+
+    def drop_output_before(self, job_id: str, generation: int, offset: int) -> None:
+        chunks = self.state.output[(job_id, generation)]
+        kept = [
+            c if c.start >= offset else OutputChunk(offset, c.data[offset - c.start :])
+            for c in chunks
+            if c.end > offset
+        ]
+        self.state.output[(job_id, generation)] = kept
+
 
 class FakeJobStore:
     def __init__(self) -> None:
@@ -139,6 +181,14 @@ class FakeJobStore:
             and (where.created_before is None or job.created_at < where.created_before)
             and all(index.labels.get(k) == v for k, v in where.labels)
         )
+
+    def read_output(self, job_id: str, generation: int, after: int) -> OutputRead | None:
+        with self.lock:
+            head = self.state.output_heads.get((job_id, generation))
+            if head is None:
+                return None
+            chunks = self.state.output.get((job_id, generation), [])
+            return OutputRead(generation, head.attempt, tuple(c for c in chunks if c.end > after))
 
     def events(self, job_id: str) -> list[JobEvent]:
         with self.lock:

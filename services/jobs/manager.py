@@ -8,10 +8,22 @@ import hashlib
 from datetime import datetime
 
 from services.common.clock import Clock
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.feed import ChangeFeed
 from services.jobs import domain
-from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex, StatusUpdate
+from services.jobs.domain import (
+    OUTPUT_CHUNK_BYTES,
+    OUTPUT_KEEP_BYTES,
+    Job,
+    JobEvent,
+    JobFilter,
+    JobState,
+    OutputChunk,
+    OutputHead,
+    OutputRead,
+    SpecIndex,
+    StatusUpdate,
+)
 from services.jobs.store import DuplicateRequest, JobStore
 
 
@@ -24,6 +36,12 @@ class JobManager:
         self.store = store
         self.clock = clock
         self.feed = feed or ChangeFeed()
+        # Wakes output followers: new output, and any job change (a job that ends ends them).
+        self.output_feed = ChangeFeed()
+
+    def _changed(self) -> None:
+        self.feed.changed()
+        self.output_feed.changed()
 
     def submit(
         self,
@@ -60,7 +78,7 @@ class JobManager:
             if existing is None:
                 raise
             return existing, False
-        self.feed.changed()
+        self._changed()
         return job, True
 
     def _same_request(self, request_id: str, digest: str) -> Job | None:
@@ -101,7 +119,7 @@ class JobManager:
             tx.save(job)
             tx.record(event)
             tx.send("cancel", job, event.at)
-        self.feed.changed()
+        self._changed()
         return job
 
     def retry(self, job_id: str, actor: str = "client") -> Job:
@@ -113,7 +131,7 @@ class JobManager:
             tx.save(job)
             tx.record(event)
             tx.send("enqueue", job, event.at)
-        self.feed.changed()
+        self._changed()
         return job
 
     def update_status(self, update: StatusUpdate) -> bool:
@@ -128,12 +146,70 @@ class JobManager:
             if event is not None:
                 tx.record(event)
         if event is not None:
-            self.feed.changed()
+            self._changed()
         return event is not None
 
     def events(self, job_id: str) -> list[JobEvent]:
         self.get(job_id)
         return self.store.events(job_id)
+
+    # ---- output of running jobs ---------------------------------------------------------
+
+    def append_output(
+        self,
+        job_id: str,
+        generation: int,
+        attempt: int,
+        offset: int,
+        data: bytes,
+        total_bytes: int | None = None,
+        execution_id: str = "",
+    ) -> int:
+        """Store a chunk of an attempt's output; the offset after the last byte stored.
+
+        Idempotent by offset: bytes already stored are skipped, so a retried call does not
+        duplicate them; a gap before ``offset`` stays a gap (bytes the worker dropped). A
+        later attempt's output (or a new execution of the same attempt) replaces an earlier
+        one's. Only the last OUTPUT_KEEP_BYTES are kept. ``total_bytes`` (the execution's
+        last call) becomes the job's output_bytes.
+        """
+        with self.store.transaction() as tx:
+            job = tx.get(job_id, for_update=total_bytes is not None)
+            if job is None:
+                raise NotFound("job", job_id)
+            if generation > job.generation:
+                raise FailedPrecondition(
+                    f"job {job_id} has no generation {generation} (it is at {job.generation})",
+                    subject=f"jobs/{job_id}",
+                    reason="UNKNOWN_GENERATION",
+                    metadata={"generation": str(job.generation)},
+                )
+            head = tx.output_head(job_id, generation)
+            if domain.starts_new_output(job_id, head, attempt, execution_id):
+                fresh = OutputHead(attempt, execution_id, 0)
+                tx.start_output(job_id, generation, fresh, existed=head is not None)
+                head = fresh
+            assert head is not None
+            end = offset + len(data)
+            if end > head.next_offset:
+                start = max(offset, head.next_offset)
+                chunk = OutputChunk(start, data[start - offset :])
+                tx.add_output(job_id, generation, chunk, OUTPUT_CHUNK_BYTES)
+                tx.drop_output_before(job_id, generation, end - OUTPUT_KEEP_BYTES)
+                head = OutputHead(attempt, execution_id, end)
+            if total_bytes is not None and generation == job.generation:
+                job.output_bytes = total_bytes
+                tx.save(job)
+        self.output_feed.changed()
+        return head.next_offset
+
+    def read_output(self, job_id: str, generation: int, attempt: int, after: int) -> OutputRead:
+        """The stored output past offset ``after`` of ``attempt``; when a later attempt has
+        replaced it, that attempt's output from its start."""
+        read = self.store.read_output(job_id, generation, after)
+        if read is not None and read.attempt != attempt and after > 0:
+            read = self.store.read_output(job_id, generation, 0)
+        return read or OutputRead(generation, attempt)
 
 
 def encode_page_token(created_at: datetime, job_id: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.outbox import OutboxMixin
@@ -37,6 +37,8 @@ class JobRow(Base):
     trace_context: Mapped[str] = mapped_column(Text)
     # ",process,vm," from spec.requirements.worker_types ("" = any), for ListJobs filters.
     worker_types: Mapped[str] = mapped_column(String(600))
+    # Bytes of output the latest finished attempt wrote (reported by its worker).
+    output_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "job_id"),
@@ -68,6 +70,32 @@ class JobLabelRow(Base):
     value: Mapped[str] = mapped_column(String(256))
 
     __table_args__ = (Index("ix_job_labels_key_value", "key", "value", "job_id"),)
+
+
+class JobOutputRow(Base):
+    """Where the stored output of one job generation stands: the execution it comes from
+    (its latest attempt) and the offset after the last byte received."""
+
+    __tablename__ = "job_outputs"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    execution_id: Mapped[str] = mapped_column(String(64))
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobOutputChunkRow(Base):
+    """Output bytes [start_offset, end_offset) of a generation's latest attempt. Small chunks
+    are merged into the last row, so a generation has a handful of rows."""
+
+    __tablename__ = "job_output_chunks"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    end_offset: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class OutboxRow(OutboxMixin, Base):

@@ -32,6 +32,9 @@ POLICY: Policy = {
     "RetryJob": _CLIENT,
     "WatchJob": _CLIENT,
     "ListJobEvents": _CLIENT,
+    "GetJobOutput": _CLIENT,
+    # The worker sends the output of the jobs it runs.
+    "AppendJobOutput": frozenset({Role.WORKER}),
     # UpdateJobStatus: the queue's own calls, with the admin token.
 }
 
@@ -39,6 +42,8 @@ MAX_REQUEST_ID = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 WATCH_POLL_SECONDS = 1.0
+MAX_OUTPUT_CHUNK = 64 * 1024
+MAX_OUTPUT_OFFSET = 2**62
 
 
 def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> None:
@@ -177,3 +182,61 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return pb.ListJobEventsResponse(
             events=[convert.event_message(e) for e in self.manager.events(request.job_id)]
         )
+
+    def AppendJobOutput(
+        self, request: pb.AppendJobOutputRequest, context: grpc.ServicerContext
+    ) -> pb.AppendJobOutputResponse:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.check(request.generation >= 1, "generation", "at least 1")
+        problems.check(request.attempt >= 1, "attempt", "at least 1")
+        problems.check(
+            len(request.data) <= MAX_OUTPUT_CHUNK, "data", f"at most {MAX_OUTPUT_CHUNK} bytes"
+        )
+        problems.check(
+            request.offset + len(request.data) <= MAX_OUTPUT_OFFSET,
+            "offset",
+            f"offset + data must stay below {MAX_OUTPUT_OFFSET}",
+        )
+        problems.check(len(request.execution_id) <= 64, "execution_id", "at most 64 characters")
+        if request.HasField("total_bytes"):
+            problems.check(
+                request.total_bytes >= request.offset + len(request.data),
+                "total_bytes",
+                "at least offset + the length of data",
+            )
+        problems.raise_if_any()
+        next_offset = self.manager.append_output(
+            request.job_id,
+            request.generation,
+            request.attempt,
+            request.offset,
+            request.data,
+            request.total_bytes if request.HasField("total_bytes") else None,
+            request.execution_id,
+        )
+        return pb.AppendJobOutputResponse(next_offset=next_offset)
+
+    def GetJobOutput(
+        self, request: pb.GetJobOutputRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetJobOutputResponse]:
+        problems = Problems()
+        _check_job_id(request.job_id, problems)
+        problems.raise_if_any()
+        feed = self.manager.output_feed
+        job = self.manager.get(request.job_id)
+        generation, attempt, cursor = job.generation, 0, 0
+        while True:
+            seen = feed.version
+            # Decided before the read, so the last read sees all a finished job wrote.
+            ended = job.state.terminal or job.generation != generation
+            read = self.manager.read_output(request.job_id, generation, attempt, cursor)
+            if read.attempt != attempt:
+                attempt, cursor = read.attempt, 0
+            for chunk in read.chunks:
+                yield convert.output_message(generation, attempt, chunk, cursor)
+                cursor = chunk.end
+            if not request.follow or ended or not context.is_active():
+                return
+            feed.wait(seen, WATCH_POLL_SECONDS)
+            job = self.manager.get(request.job_id)

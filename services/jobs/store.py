@@ -7,15 +7,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import Engine, exists, select, tuple_, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, exists, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from services.common.clock import to_utc
 from services.common.db import has_tag, join_tags
+from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
-from services.jobs.domain import Job, JobEvent, JobFilter, JobState, SpecIndex
-from services.jobs.models import JobEventRow, JobLabelRow, JobRow, OutboxRow
+from services.jobs.domain import (
+    Job,
+    JobEvent,
+    JobFilter,
+    JobState,
+    OutputChunk,
+    OutputHead,
+    OutputRead,
+    SpecIndex,
+)
+from services.jobs.models import (
+    JobEventRow,
+    JobLabelRow,
+    JobOutputChunkRow,
+    JobOutputRow,
+    JobRow,
+    OutboxRow,
+)
 
 
 class DuplicateRequest(Exception):
@@ -77,6 +94,111 @@ class Transaction:
             now,
         )
 
+    # ---- output (one generation's latest attempt, bounded) --------------------------------
+
+    def output_head(self, job_id: str, generation: int) -> OutputHead | None:
+        """Locked for the rest of the transaction (one appender at a time)."""
+        row = self.session.scalars(
+            select(JobOutputRow)
+            .where(JobOutputRow.job_id == job_id, JobOutputRow.generation == generation)
+            .with_for_update()
+        ).first()
+        return OutputHead(row.attempt, row.execution_id, row.next_offset) if row else None
+
+    def start_output(self, job_id: str, generation: int, head: OutputHead, existed: bool) -> None:
+        """Forget what an earlier attempt wrote; the new attempt starts at offset 0."""
+        self.session.execute(delete(JobOutputChunkRow).where(_chunks_of(job_id, generation)))
+        if existed:
+            self.session.execute(
+                update(JobOutputRow)
+                .where(JobOutputRow.job_id == job_id, JobOutputRow.generation == generation)
+                .values(attempt=head.attempt, execution_id=head.execution_id, next_offset=0)
+            )
+            return
+        self.session.add(
+            JobOutputRow(
+                job_id=job_id,
+                generation=generation,
+                attempt=head.attempt,
+                execution_id=head.execution_id,
+                next_offset=0,
+            )
+        )
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise Aborted("another call started this output at the same time") from None
+
+    def add_output(
+        self, job_id: str, generation: int, chunk: OutputChunk, merge_up_to: int
+    ) -> None:
+        """Store ``chunk``, merged into the last stored chunk when it follows it directly
+        and both fit in ``merge_up_to`` bytes; then move the head past it."""
+        last = self.session.scalars(
+            select(JobOutputChunkRow)
+            .where(_chunks_of(job_id, generation))
+            .order_by(JobOutputChunkRow.start_offset.desc())
+            .limit(1)
+        ).first()
+        if (
+            last is not None
+            and last.end_offset == chunk.start
+            and last.end_offset - last.start_offset + len(chunk.data) <= merge_up_to
+        ):
+            self.session.execute(
+                update(JobOutputChunkRow)
+                .where(_chunks_of(job_id, generation))
+                .where(JobOutputChunkRow.start_offset == last.start_offset)
+                .values(data=last.data + chunk.data, end_offset=chunk.end)
+            )
+        else:
+            self.session.execute(
+                insert(JobOutputChunkRow).values(
+                    job_id=job_id,
+                    generation=generation,
+                    start_offset=chunk.start,
+                    end_offset=chunk.end,
+                    data=chunk.data,
+                )
+            )
+        self.session.execute(
+            update(JobOutputRow)
+            .where(JobOutputRow.job_id == job_id, JobOutputRow.generation == generation)
+            .values(next_offset=chunk.end)
+        )
+
+    def drop_output_before(self, job_id: str, generation: int, offset: int) -> None:
+        """Keep only the bytes at ``offset`` and after."""
+        if offset <= 0:
+            return
+        self.session.execute(
+            delete(JobOutputChunkRow)
+            .where(_chunks_of(job_id, generation))
+            .where(JobOutputChunkRow.end_offset <= offset)
+        )
+        straddling = self.session.scalars(
+            select(JobOutputChunkRow)
+            .where(_chunks_of(job_id, generation))
+            .where(JobOutputChunkRow.start_offset < offset)
+        ).first()
+        if straddling is not None:
+            kept = straddling.data[offset - straddling.start_offset :]
+            start = straddling.start_offset
+            self.session.execute(
+                delete(JobOutputChunkRow)
+                .where(_chunks_of(job_id, generation))
+                .where(JobOutputChunkRow.start_offset == start)
+            )
+            self.session.execute(
+                insert(JobOutputChunkRow).values(
+                    job_id=job_id,
+                    generation=generation,
+                    start_offset=offset,
+                    end_offset=offset + len(kept),
+                    data=kept,
+                )
+            )
+
 
 class JobStore:
     def __init__(self, engine: Engine) -> None:
@@ -119,6 +241,22 @@ class JobStore:
         with self._sessions() as session:
             return [_job(row) for row in session.scalars(query)]
 
+    def read_output(self, job_id: str, generation: int, after: int) -> OutputRead | None:
+        """The stored output of the generation's latest attempt that ends past ``after``,
+        or None when nothing was ever stored for it."""
+        with self._sessions() as session:
+            head = session.get(JobOutputRow, (job_id, generation))
+            if head is None:
+                return None
+            rows = session.scalars(
+                select(JobOutputChunkRow)
+                .where(_chunks_of(job_id, generation))
+                .where(JobOutputChunkRow.end_offset > after)
+                .order_by(JobOutputChunkRow.start_offset)
+            )
+            chunks = tuple(OutputChunk(r.start_offset, r.data) for r in rows)
+            return OutputRead(generation, head.attempt, chunks)
+
     def events(self, job_id: str) -> list[JobEvent]:
         query = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
         with self._sessions() as session:
@@ -148,7 +286,12 @@ def _values(job: Job) -> dict[str, object]:
         ended_at=job.ended_at,
         last_sequence=job.last_sequence,
         trace_context=json.dumps(job.trace_context),
+        output_bytes=job.output_bytes,
     )
+
+
+def _chunks_of(job_id: str, generation: int) -> ColumnElement[bool]:
+    return and_(JobOutputChunkRow.job_id == job_id, JobOutputChunkRow.generation == generation)
 
 
 def _job(row: JobRow) -> Job:
@@ -171,4 +314,5 @@ def _job(row: JobRow) -> Job:
         ended_at=to_utc(row.ended_at) if row.ended_at else None,
         last_sequence=row.last_sequence,
         trace_context=json.loads(row.trace_context or "{}"),
+        output_bytes=row.output_bytes or 0,
     )

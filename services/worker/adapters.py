@@ -1,7 +1,9 @@
 """How a job is executed: one interface, an adapter per worker type.
 
 An adapter starts an execution and hands back a handle the worker supervises: it waits on
-it, heartbeats meanwhile, and stops it on a cancel, a timeout or a lost lease.
+it, heartbeats meanwhile, and stops it on a cancel, a timeout or a lost lease. Output goes
+to a bounded tail (kept for the result) and, when given, to a sink as it is written (the
+worker streams it to the jobs service). The VM adapter is in ``vm_adapter.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ class Task:
     command: list[str]
     env: dict[str, str]
     working_directory: str
+    job_id: str = ""
+    timeout: float = 0.0  # seconds; 0 = none (the worker enforces its own)
+    vcpus: int = 0  # 0 = the executor's default
+    memory_mb: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class Result:
     output_tail: str
     total_bytes: int
     error: str = ""
+    # Set when the executor could not be reached (the VM service is UNAVAILABLE): the job
+    # did not fail, the lease goes back to the queue for another worker.
+    unavailable: str = ""
 
 
 class Execution(Protocol):
@@ -46,8 +55,14 @@ class Execution(Protocol):
     def result(self) -> Result: ...
 
 
+class OutputSink(Protocol):
+    def write(self, data: bytes) -> None:
+        """Take output as it is written; must not block."""
+        ...
+
+
 class Adapter(Protocol):
-    def start(self, task: Task) -> Execution: ...
+    def start(self, task: Task, output: OutputSink | None = None) -> Execution: ...
 
 
 class StartFailed(Exception):
@@ -83,9 +98,10 @@ class OutputTail:
 
 
 class ProcessExecution:
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], output: OutputSink | None = None) -> None:
         self.process = process
         self.tail = OutputTail()
+        self._output = output
         assert process.stdout is not None
         self._reader = threading.Thread(
             target=self._read, args=(process.stdout,), name=f"output-{process.pid}", daemon=True
@@ -96,6 +112,8 @@ class ProcessExecution:
         with stream:
             for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
                 self.tail.add(chunk)
+                if self._output is not None:
+                    self._output.write(chunk)
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -120,6 +138,9 @@ class ProcessExecution:
             pass
 
     def result(self) -> Result:
+        if self.process.poll() is not None:
+            # The job is its leader's life: what it left running in its group goes too.
+            self._signal_group(signal.SIGKILL)
         self._reader.join(timeout=5)
         code = self.process.returncode
         error = ""
@@ -132,7 +153,7 @@ class ProcessExecution:
 class ProcessAdapter:
     """A local process: argv (no shell), its own session and process group."""
 
-    def start(self, task: Task) -> Execution:
+    def start(self, task: Task, output: OutputSink | None = None) -> Execution:
         env = {k: v for k in _BASE_ENV if (v := os.environ.get(k)) is not None}
         env.update(task.env)
         try:
@@ -149,17 +170,23 @@ class ProcessAdapter:
             raise StartFailed(
                 f"cannot start {task.command[0]!r}: {getattr(exc, 'strerror', None) or exc}"
             ) from None
-        return ProcessExecution(process)
+        return ProcessExecution(process, output)
 
 
 class MockExecution:
-    def __init__(self, delay: float, fail: bool) -> None:
+    def __init__(self, delay: float, fail: bool, output: OutputSink | None = None) -> None:
         self._done = threading.Event()
         self._fail = fail
         self._stopped = False
-        self._timer = threading.Timer(delay, self._done.set)
+        self._output = output
+        self._timer = threading.Timer(delay, self._end)
         self._timer.daemon = True
         self._timer.start()
+
+    def _end(self) -> None:
+        if self._output is not None:
+            self._output.write(b"mock failure\n" if self._fail else b"mock success\n")
+        self._done.set()
 
     def wait(self, timeout: float) -> bool:
         return self._done.wait(timeout)
@@ -186,7 +213,7 @@ class MockAdapter:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
-    def start(self, task: Task) -> Execution:
+    def start(self, task: Task, output: OutputSink | None = None) -> Execution:
         with self._lock:
             fail = self._random.random() < self.failure_rate
-        return MockExecution(self.delay, fail)
+        return MockExecution(self.delay, fail, output)

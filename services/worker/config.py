@@ -9,6 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common import config as common
+from services.worker.tracker import TrackerLimits
+
+WORKER_TYPES = ("process", "mock", "vm")
+DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,8 @@ class WorkerConfig:
     worker_type: str
     slots: int
     queue_address: str
+    jobs_address: str
+    vms_address: str
     lease_seconds: float
     poll_wait: float
     drain_grace: float
@@ -26,6 +32,7 @@ class WorkerConfig:
     mock_delay: float
     mock_failure_rate: float
     mock_seed: int
+    tracker: TrackerLimits
 
     @property
     def heartbeat_interval(self) -> float:
@@ -40,9 +47,11 @@ def load(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     config = WorkerConfig(
         shared=shared,
         worker_id=env.text("ID", default_id),
-        worker_type=env.choice("TYPE", "process", ("process", "mock")),
+        worker_type=env.choice("TYPE", "process", WORKER_TYPES),
         slots=env.integer("SLOTS", 2, minimum=1, maximum=256),
         queue_address=env.text("QUEUE_ADDRESS", "127.0.0.1:50052"),
+        jobs_address=env.text("JOBS_ADDRESS", "127.0.0.1:50051"),
+        vms_address=env.text("VMS_ADDRESS", "127.0.0.1:50053"),
         lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600.0),
         poll_wait=env.number("POLL_WAIT", 10.0, minimum=0.0, maximum=60.0),
         drain_grace=env.number("DRAIN_GRACE", 30.0, minimum=0.0, maximum=86400.0),
@@ -51,6 +60,17 @@ def load(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         mock_delay=env.number("MOCK_DELAY", 0.0, minimum=0.0, maximum=3600.0),
         mock_failure_rate=env.number("MOCK_FAILURE_RATE", 0.0, minimum=0.0, maximum=1.0),
         mock_seed=env.integer("MOCK_SEED", 0),
+        tracker=TrackerLimits(
+            max_entries=env.integer("TRACKER_MAX_ENTRIES", 10_000, minimum=1, maximum=10_000_000),
+            ttl_completed=env.number("TRACKER_TTL_COMPLETED", DAY, minimum=0.0, maximum=365 * DAY),
+            ttl_failed=env.number("TRACKER_TTL_FAILED", DAY, minimum=0.0, maximum=365 * DAY),
+            ttl_cancelled=env.number(
+                "TRACKER_TTL_CANCELLED", 3600.0, minimum=0.0, maximum=365 * DAY
+            ),
+            cleanup_interval=env.number(
+                "TRACKER_CLEANUP_INTERVAL", 3600.0, minimum=0.01, maximum=DAY
+            ),
+        ),
     )
     common.finish(env, shared_env)
     return config

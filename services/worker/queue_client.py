@@ -32,8 +32,11 @@ class ClaimedItem:
 
 
 class QueueClient:
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, *, named_only: bool = False) -> None:
+        """``named_only``: claim only items that name this worker's type (a vm worker
+        leaves the jobs that accept any worker to the others)."""
         self._stub = qpb_grpc.QueueServiceStub(channel)
+        self._named_only = named_only
 
     def register(self, worker_id: str, worker_type: str, slots: int) -> None:
         call(
@@ -51,6 +54,7 @@ class QueueClient:
             max_items=max_items,
             lease_duration=pbtime.duration(lease_seconds),
             wait=pbtime.duration(wait),
+            named_only=self._named_only,
         )
         response: qpb.ClaimResponse = call(
             self._stub.Claim,

@@ -1,10 +1,17 @@
 """The worker loop: register, claim up to the free slots (long poll), execute, heartbeat
 every lease/3, complete. On stop: no new claims, running jobs get a grace period, then
-their leases are released so another worker picks them up."""
+their leases are released so another worker picks them up.
+
+While a job runs its output goes to the jobs service (``output.OutputSender``), and every
+execution is recorded in the bounded ``tracker.ExecutionTracker``. When the executor is
+unavailable (the VM service answers UNAVAILABLE), the lease is released, not failed, and
+claims pause with a growing backoff so the worker does not spin claiming and releasing.
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -16,35 +23,63 @@ from services.common.backoff import backoff
 from services.common.errors import describe
 from services.common.outbox import Transient
 from services.common.pbtime import seconds
-from services.worker.adapters import Adapter, Result, StartFailed, Task
+from services.worker.adapters import Adapter, Execution, Result, StartFailed, Task
 from services.worker.config import WorkerConfig
+from services.worker.jobs_client import OutputPort
+from services.worker.output import OutputSender
 from services.worker.queue_client import ClaimedItem, QueueClient
+from services.worker.tracker import ExecutionTracker, Outcome
 
 log = logging.getLogger(__name__)
 
 POLL_STEP = 0.2
+# An empty claim that came back at once (no long poll) waits the rest of this: no spinning.
+MIN_CLAIM_PERIOD = 0.5
+UNAVAILABLE_BACKOFF_BASE = 1.0
+UNAVAILABLE_BACKOFF_CAP = 30.0
 
 
 class Worker:
-    def __init__(self, settings: WorkerConfig, queue: QueueClient, adapter: Adapter) -> None:
+    def __init__(
+        self,
+        settings: WorkerConfig,
+        queue: QueueClient,
+        adapter: Adapter,
+        *,
+        output: OutputPort | None = None,
+        tracker: ExecutionTracker | None = None,
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.adapter = adapter
+        self.output = output
+        self.tracker = tracker or ExecutionTracker(settings.tracker)
         self._stopping = threading.Event()
         self._release_now = threading.Event()
         self._active: dict[str, threading.Thread] = {}
         self._lock = threading.Condition()
         self._tracer = telemetry.tracer(__name__)
+        self._paused_until = 0.0
+        self._unavailable_streak = 0
 
     # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        self._register()
+        self.tracker.start_cleanup()
+        try:
+            self._register()
+            self._claim_loop()
+            self._drain()
+        finally:
+            self.tracker.stop_cleanup()
+
+    def _claim_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             free = self._wait_for_free_slot()
-            if free == 0:
+            if free == 0 or self._paused():
                 continue
+            started = time.monotonic()
             try:
                 claimed = self.queue.claim(
                     self.settings.worker_id,
@@ -61,8 +96,13 @@ class Worker:
                 self._stopping.wait(delay)
                 continue
             for item in claimed:
-                self._launch(item)
-        self._drain()
+                if self._stopping.is_set():
+                    # Claimed while the stop came: give it back at once, do not start it.
+                    self._release(item, "the worker is shutting down")
+                else:
+                    self._launch(item)
+            if not claimed:
+                self._stopping.wait(max(0.0, MIN_CLAIM_PERIOD - (time.monotonic() - started)))
 
     def stop(self) -> None:
         """Ask the loop to drain and end (SIGTERM)."""
@@ -102,6 +142,30 @@ class Worker:
                 return 0
             return self.settings.slots - len(self._active)
 
+    def _paused(self) -> bool:
+        """Wait while claims are paused (the executor was unavailable); True if it was."""
+        with self._lock:
+            delay = self._paused_until - time.monotonic()
+        if delay <= 0:
+            return False
+        self._stopping.wait(delay)
+        return True
+
+    def _executor_unavailable(self, why: str) -> None:
+        with self._lock:
+            self._unavailable_streak += 1
+            delay = backoff(
+                self._unavailable_streak,
+                base=UNAVAILABLE_BACKOFF_BASE,
+                cap=UNAVAILABLE_BACKOFF_CAP,
+            )
+            self._paused_until = max(self._paused_until, time.monotonic() + delay)
+        log.warning("%s; no claims for %.1fs", why, delay)
+
+    def _executor_available(self) -> None:
+        with self._lock:
+            self._unavailable_streak = 0
+
     def _launch(self, item: ClaimedItem) -> None:
         thread = threading.Thread(
             target=self._execute, args=(item,), name=f"job-{item.job_id[:8]}", daemon=True
@@ -139,39 +203,73 @@ class Worker:
     # ---- one execution ----------------------------------------------------------------
 
     def _execute(self, item: ClaimedItem) -> None:
+        # One execution: an attempt given back to the queue may run again under its number.
+        key = secrets.token_hex(8)
+        self.tracker.start(key, item.job_id, item.generation, item.attempt)
         try:
             with self._tracer.start_as_current_span(
                 "worker.execute",
                 context=telemetry.context_from(item.trace_context),
                 attributes={"blixard.job_id": item.job_id, "blixard.attempt": item.attempt},
             ):
-                self._supervise(item)
-        except Exception:
+                self._supervise(item, key)
+        except Exception as exc:
             log.exception("job %s: the execution failed unexpectedly", item.job_id)
+            self.tracker.finish(key, Outcome.FAILED, error=f"worker error: {exc!r}")
         finally:
             with self._lock:
                 self._active.pop(item.token, None)
                 self._lock.notify_all()
 
-    def _supervise(self, item: ClaimedItem) -> None:
+    def _task(self, item: ClaimedItem) -> tuple[Task, float]:
         spec = item.spec
-        task = Task(list(spec.command), dict(spec.env), spec.working_directory)
         timeout = (
             seconds(spec.requirements.timeout)
             if spec.requirements.HasField("timeout")
             else self.settings.default_timeout
         )
+        task = Task(
+            list(spec.command),
+            dict(spec.env),
+            spec.working_directory,
+            job_id=item.job_id,
+            timeout=timeout,
+            vcpus=spec.requirements.vcpus,
+            memory_mb=spec.requirements.memory_mb,
+        )
+        return task, timeout
+
+    def _supervise(self, item: ClaimedItem, key: str) -> None:
+        task, timeout = self._task(item)
         log.info("job %s attempt %d: starting %s", item.job_id, item.attempt, task.command)
+        sender = self._output_sender(item, key)
         try:
-            execution = self.adapter.start(task)
-        except StartFailed as exc:
-            self._finish(item, "FAILED", Result(None, "", 0, str(exc)))
-            return
+            try:
+                execution = self.adapter.start(task, sender)
+            except StartFailed as exc:
+                result = Result(None, "", 0, str(exc))
+                ending = "start failed"
+            else:
+                ending = self._watch(item, execution, timeout)
+                result = execution.result()
+        finally:
+            if sender is not None:
+                # Before the report: a follower has all the output when the job ends.
+                sender.close()
+        self._conclude(item, key, ending, result, timeout)
+
+    def _output_sender(self, item: ClaimedItem, key: str) -> OutputSender | None:
+        if self.output is None:
+            return None
+        return OutputSender(self.output, item.job_id, item.generation, item.attempt, key).start()
+
+    def _watch(self, item: ClaimedItem, execution: Execution, timeout: float) -> str:
+        """Heartbeat until the execution ends; why the worker stopped it, or ''."""
         started = time.monotonic()
         next_heartbeat = started + self.settings.heartbeat_interval
-        ending = ""  # why the worker stopped it: cancelled, timed out, lease lost, released
         while not execution.wait(POLL_STEP):
             now = time.monotonic()
+            ending = ""
             if self._release_now.is_set():
                 ending = "released"
             elif now - started > timeout:
@@ -181,27 +279,40 @@ class Worker:
                 ending = self._heartbeat(item)
             if ending:
                 execution.stop(self.settings.kill_grace)
-                break
-        result = execution.result()
-        if ending == "released":
-            self._release(item)
-        elif ending == "lease lost":
-            log.warning("job %s: the lease was lost; the result is not reported", item.job_id)
-        elif ending == "cancelled":
-            self._finish(item, "CANCELLED", result)
-        elif ending == "timed out":
-            self._finish(
-                item,
-                "FAILED",
-                Result(
-                    result.exit_code,
-                    result.output_tail,
-                    result.total_bytes,
-                    f"timed out after {timeout:g}s",
-                ),
+                return ending
+        return ""
+
+    def _conclude(
+        self, item: ClaimedItem, key: str, ending: str, result: Result, timeout: float
+    ) -> None:
+        """Record how the execution ended, then report it to the queue."""
+        if ending == "timed out":
+            result = Result(
+                result.exit_code,
+                result.output_tail,
+                result.total_bytes,
+                f"timed out after {timeout:g}s",
             )
+        outcome = _outcome(ending, result)
+        self.tracker.finish(
+            key,
+            outcome,
+            exit_code=result.exit_code,
+            error=result.error or result.unavailable,
+            output_bytes=result.total_bytes,
+        )
+        if result.unavailable:
+            self._release(item, f"the executor is unavailable: {result.unavailable}")
+            self._executor_unavailable(f"job {item.job_id}: {result.unavailable}")
+            return
+        if ending != "start failed":
+            self._executor_available()
+        if outcome is Outcome.RELEASED:
+            self._release(item, "the worker is shutting down")
+        elif outcome is Outcome.LOST:
+            log.warning("job %s: the lease was lost; the result is not reported", item.job_id)
         else:
-            self._finish(item, "SUCCEEDED" if result.exit_code == 0 else "FAILED", result)
+            self._finish(item, outcome.value, result)
 
     def _heartbeat(self, item: ClaimedItem) -> str:
         try:
@@ -227,9 +338,9 @@ class Worker:
             ),
         )
 
-    def _release(self, item: ClaimedItem) -> None:
-        log.info("job %s: releasing its lease", item.job_id)
-        self._report(item, lambda: self.queue.release(item.token, "the worker is shutting down"))
+    def _release(self, item: ClaimedItem, reason: str) -> None:
+        log.info("job %s: releasing its lease (%s)", item.job_id, reason)
+        self._report(item, lambda: self.queue.release(item.token, reason[:1024]))
 
     def _report(self, item: ClaimedItem, send: Callable[[], None]) -> None:
         for attempt in range(6):
@@ -248,6 +359,18 @@ class Worker:
         log.error(
             "job %s: could not report; the lease will expire and the job run again", item.job_id
         )
+
+
+def _outcome(ending: str, result: Result) -> Outcome:
+    if result.unavailable or ending == "released":
+        return Outcome.RELEASED
+    if ending == "lease lost":
+        return Outcome.LOST
+    if ending == "cancelled":
+        return Outcome.CANCELLED
+    if ending == "timed out" or result.exit_code != 0:
+        return Outcome.FAILED
+    return Outcome.SUCCEEDED
 
 
 def _why(exc: BaseException) -> str:
