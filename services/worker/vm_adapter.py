@@ -1,5 +1,5 @@
 """Jobs run inside a VM from the VM service: CreateVm, ExecInVm (output chunks, then the
-exit code), and DestroyVm whatever happened.
+exit code), then ReleaseVm after a clean run, DestroyVm otherwise.
 
 When the VM service answers UNAVAILABLE (no VM manager on that host, or the service is
 down), the result says so (``Result.unavailable``) instead of failing the job: the worker
@@ -63,7 +63,8 @@ class VmExecution:
             if not self._stopped.is_set():
                 self._failed(f"the execution in VM {self.vm_id} broke off", exc)
         finally:
-            self._destroy()
+            clean = self._exit_code is not None and not self._stopped.is_set()
+            self._destroy(reuse=clean and not self._error)
 
     def _exec(self) -> None:
         task = self._task
@@ -89,16 +90,21 @@ class VmExecution:
             elif kind == "exit_code":
                 self._exit_code = event.exit_code
 
-    def _destroy(self) -> None:
-        """Once, from whichever comes first: the end of the execution or ``stop``."""
+    def _destroy(self, reuse: bool = False) -> None:
+        """Once, from whichever comes first: the end of the execution or ``stop``. A VM
+        whose job ended cleanly is given back with ReleaseVm (the VM service recycles it
+        up to VMS_REUSE_JOBS jobs, else destroys it); any other is destroyed."""
         with self._lock:
             if self._destroyed or not self.vm_id:
                 return
             self._destroyed = True
         try:
-            self._stub.DestroyVm(vpb.DestroyVmRequest(vm_id=self.vm_id), timeout=CALL_TIMEOUT)
+            if reuse:
+                self._stub.ReleaseVm(vpb.ReleaseVmRequest(vm_id=self.vm_id), timeout=CALL_TIMEOUT)
+            else:
+                self._stub.DestroyVm(vpb.DestroyVmRequest(vm_id=self.vm_id), timeout=CALL_TIMEOUT)
         except grpc.RpcError as exc:
-            log.warning("cannot destroy VM %s (%s)", self.vm_id, describe(exc))
+            log.warning("cannot give back VM %s (%s)", self.vm_id, describe(exc))
 
     def _failed(self, what: str, exc: grpc.RpcError) -> None:
         failure = describe(exc)
