@@ -27,3 +27,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_EXIT_STATUS = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _EXIT_STATUS
+    _EXIT_STATUS = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread a test left blocked (a server call that never returns) would keep the
+    interpreter from exiting after the summary, and CI would wait for it until its time
+    runs out. Name such threads, then exit with pytest's own status."""
+    import sys
+    import threading
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        stuck = [
+            t
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()
+        ]
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if stuck:
+        names = ", ".join(sorted(t.name for t in stuck))
+        print(f"\nwarning: threads still running after the tests: {names}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(_EXIT_STATUS)

@@ -794,10 +794,22 @@ class PoolManager:
                     offer(last)
                 offer(_END)
 
-        threading.Thread(target=pump, name=f"vm-exec-{item.vm.vm_id[:8]}", daemon=True).start()
+        pump_thread = threading.Thread(
+            target=pump, name=f"vm-exec-{item.vm.vm_id[:8]}", daemon=True
+        )
+        pump_thread.start()
         try:
             while True:
-                thing = events.get()
+                try:
+                    thing = events.get(timeout=0.5)
+                except queue.Empty:
+                    if pump_thread.is_alive() or not events.empty():
+                        continue
+                    # The pump ended without a last word for this caller: the execution
+                    # was abandoned elsewhere (the VM stopped or destroyed meanwhile).
+                    raise Aborted(
+                        f"VM {item.vm.vm_id} ended during the execution", reason="VM_LOST"
+                    ) from None
                 if thing is _END:
                     return
                 if isinstance(thing, BaseException):
