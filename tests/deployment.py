@@ -116,6 +116,7 @@ class Deployment:
             "JOBS_QUEUE_ADDRESS": f"127.0.0.1:{queue_port}",
             "QUEUE_JOBS_ADDRESS": f"127.0.0.1:{jobs_port}",
             "WORKER_QUEUE_ADDRESS": f"127.0.0.1:{queue_port}",
+            "WORKER_JOBS_ADDRESS": f"127.0.0.1:{jobs_port}",
             "QUEUE_REAP_INTERVAL": "0.2",
             "WORKER_LEASE_SECONDS": "3",
             "WORKER_POLL_WAIT": "2",

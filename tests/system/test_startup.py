@@ -128,8 +128,9 @@ def test_sigterm_stops_a_service_with_exit_code_zero(service: str, tmp_path: Pat
     prefix = SERVICES[service]
     port = free_port()
     env = {f"{prefix}GRPC_PORT": str(port)}
-    if service != "vms":
-        env[f"{prefix}DATABASE_URL"] = f"sqlite:///{tmp_path}/db.sqlite3"
+    env[f"{prefix}DATABASE_URL"] = f"sqlite:///{tmp_path}/db.sqlite3"
+    if service == "vms":  # no microVM booting here (that shutdown is tests/system/test_vm_qemu)
+        env.update(VMS_MANAGER="none", VMS_STATE_DIR=str(tmp_path / "vms"))
     process = start_service(f"services.{service}", env, tmp_path / "log")
     try:
         wait_healthy(f"127.0.0.1:{port}", process=process)
