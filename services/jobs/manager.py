@@ -3,12 +3,12 @@ message are written in one transaction."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from datetime import datetime
 
+from services.common import paging
 from services.common.clock import Clock
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.common.feed import ChangeFeed
 from services.jobs import domain
 from services.jobs.domain import (
@@ -213,16 +213,12 @@ class JobManager:
 
 
 def encode_page_token(created_at: datetime, job_id: str) -> str:
-    raw = f"{created_at.isoformat()}|{job_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode()
+    return paging.encode(created_at.isoformat(), job_id)
 
 
 def decode_page_token(token: str) -> tuple[datetime, str]:
+    created, job_id = paging.decode(token, 2)
     try:
-        created, _, job_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
         return datetime.fromisoformat(created), job_id
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            "page_token is not a token this service gave out",
-            violations=[("page_token", "not a token this service gave out")],
-        ) from None
+    except ValueError:
+        raise paging.invalid_token() from None

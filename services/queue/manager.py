@@ -3,7 +3,6 @@ update and its report to the jobs service commit together, or not at all."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 from collections.abc import Callable
@@ -11,8 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from services.common import paging
 from services.common.clock import Clock
-from services.common.errors import Aborted, BlixardError, InvalidArgument, NotFound
+from services.common.errors import Aborted, BlixardError, NotFound
 from services.common.feed import ChangeFeed
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
@@ -56,20 +56,6 @@ class Stats:
     oldest_waiting_age: float
     waiting_by_worker_types: dict[str, int]
     leases_expiring: int
-
-
-def encode_token(job_id: str) -> str:
-    return base64.urlsafe_b64encode(job_id.encode()).decode()
-
-
-def decode_token(token: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            "page_token is not a token this service gave out",
-            violations=[("page_token", "not a token this service gave out")],
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -452,13 +438,13 @@ class QueueManager:
     def list_items(
         self, page_size: int, page_token: str, states: list[ItemState], worker_type: str
     ) -> tuple[list[Item], str]:
-        after = decode_token(page_token) if page_token else ""
+        after = paging.decode(page_token, 1)[0] if page_token else ""
         items = self.store.list_items(
             limit=page_size + 1, after=after, states=states, worker_type=worker_type
         )
         if len(items) <= page_size:
             return items, ""
-        return items[:page_size], encode_token(items[page_size - 1].job_id)
+        return items[:page_size], paging.encode(items[page_size - 1].job_id)
 
     # ---- workers ----------------------------------------------------------------------
 
