@@ -242,6 +242,26 @@ class QueueManager:
         lease_seconds: float,
         named_only: bool = False,
     ) -> list[Lease]:
+        """Claim what the cache offers. When every item it offered had been taken by
+        another replica meanwhile (conflicts, now refreshed), look again at once rather
+        than answer empty while items wait."""
+        for _ in range(8):
+            leases, conflicted = self._claim_attempt(
+                worker_id, worker_type, labels, max_items, lease_seconds, named_only
+            )
+            if leases or not conflicted:
+                return leases
+        return []
+
+    def _claim_attempt(
+        self,
+        worker_id: str,
+        worker_type: str,
+        labels: dict[str, str],
+        max_items: int,
+        lease_seconds: float,
+        named_only: bool = False,
+    ) -> tuple[list[Lease], bool]:
         now = self.clock.now()
         staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp(), named_only)
         if not staged:
@@ -253,7 +273,7 @@ class QueueManager:
                 worker_type, labels, max_items, now.timestamp(), named_only
             )
             if not staged:
-                return []
+                return [], False
         try:
             with self.store.transaction() as tx:
                 current = tx.get_many([entry.job_id for entry in staged])
@@ -285,7 +305,7 @@ class QueueManager:
         for _, item in leased:
             assert item.lease_token is not None and item.lease_deadline is not None
             leases.append(Lease(item, item.lease_token, item.lease_deadline))
-        return leases
+        return leases, bool(conflicts)
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
         """Record that the worker was seen. A worker claiming in a loop is written at most
