@@ -503,9 +503,13 @@ def test_recovery_takes_back_warm_vms_and_reaps_the_rest(tmp_path: Path, make_se
             )
             busy = stub.CreateVm(pb.CreateVmRequest(), timeout=TIMEOUT).vm
             warm_vm = eventually(
-                lambda: [v for v in stub.ListVms(pb.ListVmsRequest(), timeout=5).vms if v.pooled],
+                lambda: [
+                    v
+                    for v in stub.ListVms(pb.ListVmsRequest(), timeout=5).vms
+                    if v.pooled and v.state == pb.VM_STATE_READY
+                ],
                 10,
-                "the pool to refill",
+                "the pool to refill with a READY VM",
             )[0]
             stream = stub.ExecInVm(
                 pb.ExecInVmRequest(vm_id=busy.vm_id, command=["sh", "-c", "echo a; sleep 60"]),
