@@ -218,11 +218,14 @@ class QueueManager:
         wait_seconds: float = 0.0,
         named_only: bool = False,
     ) -> list[Lease]:
-        worker = self._touch_worker(worker_id, worker_type, labels)
-        if worker.state is WorkerState.DRAINING:
-            return []
         deadline = self.clock.monotonic() + wait_seconds
         while True:
+            # A worker waiting in a long poll is alive: it is seen on every turn (written
+            # at most every worker_timeout/4), so the reaper never takes it for silent and
+            # releases a lease it has just been given. A drain ends the wait.
+            worker = self._touch_worker(worker_id, worker_type, labels)
+            if worker.state is WorkerState.DRAINING:
+                return []
             seen = self.feed.version
             leases = self._claim_once(
                 worker_id, worker_type, labels, max_items, lease_seconds, named_only

@@ -11,13 +11,19 @@ from services.queue.store import Fault, QueueStore, no_faults
 
 
 def make_manager(
-    url: str, clock: Clock | None = None, faults: Fault = no_faults, max_attempts: int = 2
+    url: str,
+    clock: Clock | None = None,
+    faults: Fault = no_faults,
+    max_attempts: int = 2,
+    worker_timeout: float = 30.0,
 ) -> QueueManager:
     """A queue manager on the database at ``url``, migrated; retries without waiting."""
     engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     policy = RetryPolicy(default_max_attempts=max_attempts, base_seconds=0.0, cap_seconds=0.0)
-    return QueueManager(QueueStore(engine, faults), clock or Clock(), policy=policy)
+    return QueueManager(
+        QueueStore(engine, faults), clock or Clock(), policy=policy, worker_timeout=worker_timeout
+    )
 
 
 def new(

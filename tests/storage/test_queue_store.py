@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -74,6 +75,43 @@ def test_expired_leases_are_reaped(database_url: str) -> None:
     assert item.state is ItemState.WAITING and "expired" in item.error
     with pytest.raises(FailedPrecondition):
         manager.heartbeat(lease.token, None)
+
+
+def test_a_silent_workers_leases_are_released_at_once(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock, worker_timeout=30)
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w-1", "process", {}, 1, 3600)  # the lease is far from expiring
+    clock.offset = 31  # no claim, heartbeat or worker call for longer than the timeout
+
+    assert manager.reap() == 1
+
+    item = manager.get("j-1")
+    assert item.state is ItemState.WAITING and "w-1 went offline" in item.error
+    assert [w.state.name for w in manager.workers()] == ["OFFLINE"]
+    with pytest.raises(FailedPrecondition):
+        manager.heartbeat(lease.token, None)
+    [again] = manager.claim("w-2", "process", {}, 1, 30)
+    assert again.item.attempt == 2
+
+
+def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
+    """A worker whose long poll outlasts the worker timeout and then gets an item keeps
+    it: the reaper that runs next does not release it as a silent worker's."""
+    manager = make_manager(database_url, worker_timeout=2.0)
+    got: list[object] = []
+    poll = threading.Thread(
+        target=lambda: got.extend(manager.claim("w-1", "process", {}, 1, 60, wait_seconds=6))
+    )
+    poll.start()
+    time.sleep(3.5)  # longer than the worker timeout
+    manager.enqueue(new("j-1"))
+    poll.join(timeout=30)
+
+    assert len(got) == 1
+    assert manager.reap() == 0
+    item = manager.get("j-1")
+    assert item.state is ItemState.LEASED and item.worker_id == "w-1"
 
 
 def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:
