@@ -217,9 +217,16 @@ class QueueManager:
         lease_seconds: float,
         wait_seconds: float = 0.0,
         named_only: bool = False,
+        caller_waiting: Callable[[], bool] = lambda: True,
     ) -> list[Lease]:
+        """Lease up to ``max_items``, waiting up to ``wait_seconds`` for work.
+        ``caller_waiting`` says whether the worker still waits for the answer (its RPC is
+        alive): a worker that died in a long poll must not be handed items it will never
+        run, and leases made as it went are given back at once, the attempt not counted."""
         deadline = self.clock.monotonic() + wait_seconds
         while True:
+            if not caller_waiting():
+                return []
             # A worker waiting in a long poll is alive: it is seen on every turn (written
             # at most every worker_timeout/4), so the reaper never takes it for silent and
             # releases a lease it has just been given. A drain ends the wait.
@@ -230,6 +237,9 @@ class QueueManager:
             leases = self._claim_once(
                 worker_id, worker_type, labels, max_items, lease_seconds, named_only
             )
+            if leases and not caller_waiting():
+                self._give_back(leases, "the claiming worker went away before the answer")
+                return []
             remaining = deadline - self.clock.monotonic()
             if leases or remaining <= 0 or self._stop.is_set():
                 return leases
@@ -409,6 +419,13 @@ class QueueManager:
         item = self._write(work, lambda item: [item], [])
         self.feed.changed()
         return item
+
+    def _give_back(self, leases: list[Lease], reason: str) -> None:
+        for lease in leases:
+            try:
+                self.release(lease.token, reason)
+            except Exception:  # the store is down or the item moved on: the lease expires
+                log.warning("could not give back %s; its lease will expire", lease.item.job_id)
 
     # ---- operators and the jobs service -----------------------------------------------
 

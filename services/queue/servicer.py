@@ -136,6 +136,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             lease,
             wait,
             named_only=request.named_only,
+            caller_waiting=context.is_active,
         )
         return pb.ClaimResponse(leases=[convert.lease_message(lease) for lease in leases])
 

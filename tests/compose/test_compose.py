@@ -159,8 +159,10 @@ def test_a_killed_worker_containers_job_finishes_on_the_other_worker(stack: Stac
 
     done = wait_all_succeeded(stub, [job_id], timeout=120)[job_id]
 
-    assert done.worker_id != first_worker
-    assert done.attempts == 2
+    events = stub.ListJobEvents(pb.ListJobEventsRequest(job_id=job_id), timeout=10).events
+    history = "\n".join(f"{pb.JobState.Name(e.state)} {e.actor}: {e.reason}" for e in events)
+    assert done.worker_id != first_worker, history
+    assert done.attempts == 2, history
     assert "finished" in done.output_tail
     stack.compose("up", "-d", "--wait", "--scale", "worker=2", timeout=300)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import grpc
@@ -126,3 +127,29 @@ def test_batch_complete_gives_each_completion_its_own_result(
         )
     fields = {f for f, _ in describe(error.value).field_violations}
     assert fields == {"requests[0].lease_token", "requests[1].outcome"}
+
+
+def test_a_worker_gone_during_its_long_poll_is_handed_nothing(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A worker killed while waiting in Claim: the item enqueued afterwards goes to a live
+    worker at its first attempt, not to the dead worker's abandoned long poll."""
+    stub = make_stack().start_pair().queue_stub()
+    gone = stub.Claim.future(
+        qpb.ClaimRequest(
+            worker_id="w-gone",
+            worker_type="process",
+            lease_duration=pbtime.duration(30),
+            wait=pbtime.duration(10),
+        ),
+        timeout=20,
+    )
+    time.sleep(0.5)  # the long poll is waiting in the server
+    gone.cancel()  # what the server sees when the worker's connection closes
+    time.sleep(0.5)
+    enqueue(stub, "job-1")
+
+    [lease] = claim(stub, 1)
+
+    assert lease.item.job_id == "job-1" and lease.item.attempt == 1
+    assert lease.item.worker_id == "w-api"

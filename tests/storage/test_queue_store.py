@@ -114,6 +114,20 @@ def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: s
     assert item.state is ItemState.LEASED and item.worker_id == "w-1"
 
 
+def test_leases_made_as_the_caller_went_away_are_given_back_uncounted(
+    manager: QueueManager,
+) -> None:
+    manager.enqueue(new("j-1"))
+    answers = iter([True, False])  # waiting when the claim starts, gone when it answers
+
+    assert manager.claim("w-1", "process", {}, 1, 30, caller_waiting=lambda: next(answers)) == []
+
+    item = manager.get("j-1")
+    assert item.state is ItemState.WAITING and item.attempt == 0 and item.lease_token is None
+    [lease] = manager.claim("w-2", "process", {}, 1, 30)
+    assert lease.item.attempt == 1
+
+
 def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:
     for i in range(200):
         manager.enqueue(new(f"j-{i:03d}"))
