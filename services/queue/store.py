@@ -34,6 +34,19 @@ _SAVE_MANY = (
 )
 
 
+# The hot path's reads, built once: the IN list expands at execution.
+_GET_MANY = (
+    select(*ITEM_COLUMNS)
+    .where(ITEMS.c.job_id.in_(bindparam("keys", expanding=True)))
+    .with_for_update()
+)
+_BY_TOKENS = (
+    select(*ITEM_COLUMNS)
+    .where(ITEMS.c.lease_token.in_(bindparam("keys", expanding=True)))
+    .with_for_update()
+)
+
+
 def no_faults(point: str) -> None:
     """Tests inject store failures at "before_write", "after_write" and "commit"."""
 
@@ -46,12 +59,12 @@ class Transaction:
 
     def get_many(self, job_ids: list[str]) -> dict[str, Item]:
         """The items, locked for this transaction, by job id (missing ones absent)."""
-        query = select(*ITEM_COLUMNS).where(ITEMS.c.job_id.in_(job_ids)).with_for_update()
-        return {row.job_id: _item(row) for row in self.session.execute(query)}
+        rows = self.session.connection().execute(_GET_MANY, {"keys": job_ids})
+        return {row.job_id: _item(row) for row in rows}
 
     def by_tokens(self, tokens: list[str]) -> dict[str, Item]:
-        query = select(*ITEM_COLUMNS).where(ITEMS.c.lease_token.in_(tokens)).with_for_update()
-        return {row.lease_token: _item(row) for row in self.session.execute(query)}
+        rows = self.session.connection().execute(_BY_TOKENS, {"keys": tokens})
+        return {row.lease_token: _item(row) for row in rows}
 
     def save_many(self, changes: list[tuple[Item, int]]) -> None:
         """Write each (item, version it was read at) if nobody changed it since; one
