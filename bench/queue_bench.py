@@ -61,7 +61,6 @@ from bench.jobs_bench import Backends
 from services.common import db, migrations
 from services.common.server import SERVER_OPTIONS
 from services.queue.bootstrap import MIGRATIONS
-from services.queue.convert import spec_json
 from services.queue.domain import Item, ItemState
 from services.queue.models import OutboxRow
 from services.queue.store import ITEMS, _columns
@@ -72,7 +71,7 @@ CALL_TIMEOUT = 30.0
 LEASE_SECONDS = 60
 WORKER_TYPE = "process"
 SPEC = job_spec_pb2.JobSpec(command=["true"])
-SPEC_JSON = spec_json(SPEC)
+SPEC_BYTES = SPEC.SerializeToString(deterministic=True)
 ECHO_METHOD = "/bench.Echo/Echo"
 ECHO_PAYLOAD = b"x" * 64
 INSERT_BATCH = 10_000
@@ -484,7 +483,7 @@ def insert_items(engine: Engine, start: int, count: int) -> float:
         Item(
             job_id="",
             generation=1,
-            spec_json=SPEC_JSON,
+            spec=SPEC_BYTES,
             state=ItemState.WAITING,
             priority=0,
             run_at=base,

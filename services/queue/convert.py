@@ -7,7 +7,6 @@ from datetime import datetime
 from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.queue.v1 import queue_service_pb2 as pb
-from google.protobuf import json_format
 
 from services.common import pbtime
 from services.common.errors import BlixardError
@@ -22,18 +21,12 @@ _OUTCOMES = {
 }
 
 
-def spec_json(spec: job_spec_pb2.JobSpec) -> str:
-    return json_format.MessageToJson(
-        spec, sort_keys=True, indent=None, preserving_proto_field_name=True
-    )
-
-
 def new_item(request: pb.EnqueueRequest) -> NewItem:
     spec = request.spec
     return NewItem(
         job_id=request.job_id,
         generation=request.generation,
-        spec_json=spec_json(spec),
+        spec=spec.SerializeToString(deterministic=True),
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         run_at=pbtime.from_timestamp(spec.run_at) if spec.HasField("run_at") else None,
@@ -58,7 +51,7 @@ def item_message(item: Item) -> pb.WorkItem:
     message = pb.WorkItem(
         job_id=item.job_id,
         generation=item.generation,
-        spec=json_format.Parse(item.spec_json, job_spec_pb2.JobSpec()),
+        spec=job_spec_pb2.JobSpec.FromString(item.spec),
         state=pb.ItemState.Value(f"ITEM_STATE_{item.state.value}"),
         attempt=item.attempt,
         max_attempts=item.max_attempts,

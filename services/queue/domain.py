@@ -58,7 +58,7 @@ class RetryPolicy:
 class Item:
     job_id: str
     generation: int
-    spec_json: str
+    spec: bytes  # a serialized JobSpec
     state: ItemState
     priority: int
     run_at: datetime

@@ -34,7 +34,7 @@ T = TypeVar("T")
 class NewItem:
     job_id: str
     generation: int
-    spec_json: str
+    spec: bytes  # a serialized JobSpec
     priority: int
     max_attempts: int
     run_at: datetime | None
@@ -175,7 +175,7 @@ class QueueManager:
                 item = Item(
                     job_id=new.job_id,
                     generation=new.generation,
-                    spec_json=new.spec_json,
+                    spec=new.spec,
                     state=ItemState.WAITING,
                     priority=new.priority,
                     run_at=new.run_at or now,

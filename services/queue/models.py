@@ -11,6 +11,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
 )
@@ -28,7 +29,7 @@ class ItemRow(Base):
 
     job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     generation: Mapped[int] = mapped_column(Integer)
-    spec_json: Mapped[str] = mapped_column(Text)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)  # a serialized JobSpec
     state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer)
     run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -347,7 +347,7 @@ def _columns(item: Item) -> dict[str, object]:
     return dict(
         job_id=item.job_id,
         generation=item.generation,
-        spec_json=item.spec_json,
+        spec=item.spec,
         state=item.state.value,
         priority=item.priority,
         run_at=item.run_at,
@@ -376,7 +376,7 @@ def _item(row: Any) -> Item:
     return Item(
         job_id=row.job_id,
         generation=row.generation,
-        spec_json=row.spec_json,
+        spec=row.spec,
         state=ItemState(row.state),
         priority=row.priority,
         run_at=to_utc(row.run_at),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from blixard.common.v1 import job_spec_pb2
+
 from services.common import db, migrations
 from services.common.clock import Clock
 from services.queue.bootstrap import MIGRATIONS
@@ -32,7 +34,7 @@ def new(
     return NewItem(
         job_id=job_id,
         generation=generation,
-        spec_json='{"command": ["true"]}',
+        spec=job_spec_pb2.JobSpec(command=["true"]).SerializeToString(),
         priority=priority,
         max_attempts=0,
         run_at=None,

@@ -312,7 +312,7 @@ def make_item(job: Job, max_attempts: int = 3) -> Item:
     return Item(
         job_id=job.job_id,
         generation=job.generation,
-        spec_json="{}",
+        spec=b"",
         state=ItemState.WAITING,
         priority=0,
         run_at=T0,

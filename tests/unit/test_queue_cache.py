@@ -24,7 +24,7 @@ def item(
     return Item(
         job_id=job_id,
         generation=1,
-        spec_json="{}",
+        spec=b"",
         state=state,
         priority=priority,
         run_at=run_at,
