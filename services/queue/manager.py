@@ -195,7 +195,7 @@ class QueueManager:
                 existing[new.job_id] = item
                 results.append((item, True))
             tx.insert_many(inserts)
-            tx.save_many(replaces)
+            tx.replace_many(replaces)
             tx.report_many(reports)
             return results
 

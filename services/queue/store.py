@@ -25,13 +25,39 @@ ITEMS = cast(Table, ItemRow.__table__)
 ITEM_COLUMNS = list(ITEMS.c)
 
 
-# One conditional UPDATE for every batch write (built once: building it costs more than
-# running it).
-_SAVE_MANY = (
-    update(ITEMS)
-    .where(ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version"))
-    .values({c.name: bindparam(f"v_{c.name}") for c in ITEM_COLUMNS})
+# What a state transition (lease, heartbeat, complete, fail, release, cancel, expire,
+# redrive) may change; the rest of an item is fixed for its generation. A unit test holds
+# the queue's domain to this list.
+TRANSITION_FIELDS = (
+    "state",
+    "run_at",
+    "attempt",
+    "lease_token",
+    "lease_deadline",
+    "lease_seconds",
+    "worker_id",
+    "version",
+    "cancel_requested",
+    "exit_code",
+    "output_tail",
+    "error",
+    "report_seq",
+    "updated_at",
 )
+
+
+def _conditional_update(names: list[str]) -> Any:
+    """One conditional UPDATE of these columns for a whole batch (built once: building
+    it costs more than running it)."""
+    return (
+        update(ITEMS)
+        .where(ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version"))
+        .values({name: bindparam(f"v_{name}") for name in names})
+    )
+
+
+_SAVE_MANY = _conditional_update(list(TRANSITION_FIELDS))
+_REPLACE_MANY = _conditional_update([c.name for c in ITEM_COLUMNS])
 
 
 # The hot path's reads, built once: the IN list expands at execution.
@@ -67,22 +93,31 @@ class Transaction:
         return {row.lease_token: _item(row) for row in rows}
 
     def save_many(self, changes: list[tuple[Item, int]]) -> None:
-        """Write each (item, version it was read at) if nobody changed it since; one
-        statement for all. A conflict aborts the whole transaction."""
+        """Write each (item, version it was read at)'s transition fields if nobody changed
+        the item since; one statement for all. A conflict aborts the whole transaction."""
+        self._update_many(_SAVE_MANY, changes, _transition_params)
+
+    def replace_many(self, changes: list[tuple[Item, int]]) -> None:
+        """As save_many, writing the whole item (a new generation replaces the old)."""
+        self._update_many(_REPLACE_MANY, changes, _replace_params)
+
+    def _update_many(
+        self,
+        statement: Any,
+        changes: list[tuple[Item, int]],
+        params_of: Callable[[Item], dict[str, object]],
+    ) -> None:
         if not changes:
             return
         self._fault("before_write")
         params = []
         for item, expected in changes:
             item.version = expected + 1
-            params.append(
-                {
-                    **{f"v_{k}": v for k, v in _columns(item).items()},
-                    "w_job_id": item.job_id,
-                    "w_version": expected,
-                }
-            )
-        result = self.session.connection().execute(_SAVE_MANY, params)
+            row = params_of(item)
+            row["w_job_id"] = item.job_id
+            row["w_version"] = expected
+            params.append(row)
+        result = self.session.connection().execute(statement, params)
         if result.rowcount not in (len(params), -1):
             raise Aborted("items were changed concurrently", reason="CONFLICT")
 
@@ -370,6 +405,29 @@ def _columns(item: Item) -> dict[str, object]:
         created_at=item.created_at,
         updated_at=item.updated_at,
     )
+
+
+def _transition_params(item: Item) -> dict[str, object]:
+    return {
+        "v_state": item.state.value,
+        "v_run_at": item.run_at,
+        "v_attempt": item.attempt,
+        "v_lease_token": item.lease_token,
+        "v_lease_deadline": item.lease_deadline,
+        "v_lease_seconds": item.lease_seconds,
+        "v_worker_id": item.worker_id,
+        "v_version": item.version,
+        "v_cancel_requested": item.cancel_requested,
+        "v_exit_code": item.exit_code,
+        "v_output_tail": item.output_tail,
+        "v_error": item.error,
+        "v_report_seq": item.report_seq,
+        "v_updated_at": item.updated_at,
+    }
+
+
+def _replace_params(item: Item) -> dict[str, object]:
+    return {f"v_{name}": value for name, value in _columns(item).items()}
 
 
 def _item(row: Any) -> Item:

@@ -355,3 +355,65 @@ def test_an_attempt_ending_after_a_cancel_is_not_run_again(end: str) -> None:
     # The job was cancelled: the item must not go back to WAITING to be claimed again.
     assert item.state is ItemState.CANCELLED, f"cancelled item is {item.state.value}"
     assert report.job_state == "CANCELLED"
+
+
+# ---- what a transition may change: the store writes only these fields on a claim or a
+# completion, so a transition that changed another would be lost ----------------------
+
+TRANSITIONS = st.sampled_from(
+    [
+        "lease",
+        "heartbeat",
+        "succeed",
+        "fail",
+        "cancel_done",
+        "release",
+        "cancel",
+        "expire",
+        "redrive",
+    ]
+)
+
+
+def apply(item: Item, move: str, now: datetime) -> None:
+    if move == "lease" and item.state is ItemState.WAITING:
+        domain.lease(item, "w-1", 30.0, now)
+    elif move == "heartbeat" and item.state is ItemState.LEASED:
+        domain.heartbeat(item, 45.0, now)
+    elif move in ("succeed", "fail", "cancel_done") and item.state is ItemState.LEASED:
+        outcome = {"succeed": Outcome.SUCCEEDED, "fail": Outcome.FAILED}.get(
+            move, Outcome.CANCELLED
+        )
+        domain.complete(item, outcome, 3, "tail", "boom", now, POLICY)
+    elif move == "release" and item.state is ItemState.LEASED:
+        domain.release(item, "drain", now)
+    elif move == "cancel" and item.state in (ItemState.WAITING, ItemState.LEASED):
+        domain.cancel(item, now)
+    elif move == "expire" and item.state is ItemState.LEASED:
+        domain.expire(item, now, POLICY, "expired")
+    elif move == "redrive" and item.state is ItemState.DEAD_LETTERED:
+        domain.redrive(item, now)
+
+
+@given(st.lists(TRANSITIONS, max_size=12))
+def test_transitions_change_only_the_fields_the_store_writes(moves: list[str]) -> None:
+    from dataclasses import fields
+
+    from services.queue.store import TRANSITION_FIELDS
+
+    item = make_item(labels={"a": "b"}, worker_types=("process",), trace_context={"t": "1"})
+    now = T0
+    for move in moves:
+        before = {f.name: getattr(item, f.name) for f in fields(item)}
+        now += timedelta(seconds=1)
+        apply(item, move, now)
+        changed = {name for name, value in before.items() if getattr(item, name) != value}
+        assert changed <= set(TRANSITION_FIELDS), (move, changed - set(TRANSITION_FIELDS))
+
+
+def test_the_store_writes_every_transition_field() -> None:
+    from services.queue.store import TRANSITION_FIELDS, _transition_params
+
+    assert {key.removeprefix("v_") for key in _transition_params(make_item())} == set(
+        TRANSITION_FIELDS
+    )
