@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from services.common import paging
 from services.common.clock import Clock
+from services.common.combiner import Combiner
 from services.common.errors import Aborted, BlixardError, NotFound
 from services.common.feed import ChangeFeed
 from services.queue import domain
@@ -59,6 +60,16 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class _ClaimArgs:
+    worker_id: str
+    worker_type: str
+    labels: dict[str, str]
+    max_items: int
+    lease_seconds: float
+    named_only: bool
+
+
+@dataclass(frozen=True)
 class Completion:
     """One Complete of a batch."""
 
@@ -90,6 +101,8 @@ class QueueManager:
         self.feed = feed or ChangeFeed()
         self._stop = threading.Event()
         self._seen_workers: dict[str, tuple[float, Worker]] = {}
+        self._claims = Combiner(self._claim_batch, max_batch=32)
+        self._completions = Combiner(self._complete_batches, max_batch=32)
         if cache is None:
             cache = ItemCache()
             cache.load_entries(store.live_entries(), clock.timestamp())
@@ -275,50 +288,71 @@ class QueueManager:
         lease_seconds: float,
         named_only: bool = False,
     ) -> tuple[list[Lease], bool]:
+        """One try: (the leases, whether some offered items had been taken elsewhere).
+        Claims made at the same time share one store transaction (group commit)."""
+        return self._claims.submit(
+            _ClaimArgs(worker_id, worker_type, labels, max_items, lease_seconds, named_only)
+        )
+
+    def _claim_batch(self, claims: list[_ClaimArgs]) -> list[tuple[list[Lease], bool]]:
         now = self.clock.now()
-        staged = self.cache.stage_claim(worker_type, labels, max_items, now.timestamp(), named_only)
-        if not staged:
-            # Nothing here: pick up what another replica enqueued, then look again.
-            self.cache.load(
-                self.store.waiting(worker_type, now, max(4 * max_items, 64), named_only)
-            )
+        staged_by_claim: list[list[Entry]] = []
+        for c in claims:
             staged = self.cache.stage_claim(
-                worker_type, labels, max_items, now.timestamp(), named_only
+                c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
             )
             if not staged:
-                return [], False
+                # Nothing here: pick up what another replica enqueued, then look again.
+                self.cache.load(
+                    self.store.waiting(c.worker_type, now, max(4 * c.max_items, 64), c.named_only)
+                )
+                staged = self.cache.stage_claim(
+                    c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
+                )
+            staged_by_claim.append(staged)
+        every = [entry for staged in staged_by_claim for entry in staged]
+        if not every:
+            return [([], False) for _ in claims]
+        leased: dict[str, Item] = {}
         try:
             with self.store.transaction() as tx:
-                current = tx.get_many([entry.job_id for entry in staged])
-                leased: list[tuple[Entry, Item]] = []
+                current = tx.get_many([entry.job_id for entry in every])
                 changes: list[tuple[Item, int]] = []
                 reports = []
-                for entry in staged:
-                    item = current.get(entry.job_id)
-                    if item is None or item.version != entry.version:
-                        continue  # changed elsewhere: a conflict, repaired below
-                    changes.append((item, item.version))
-                    reports.append(domain.lease(item, worker_id, lease_seconds, now))
-                    leased.append((entry, item))
+                for c, staged in zip(claims, staged_by_claim, strict=True):
+                    for entry in staged:
+                        item = current.get(entry.job_id)
+                        if item is None or item.version != entry.version:
+                            continue  # changed elsewhere: a conflict, repaired below
+                        changes.append((item, item.version))
+                        reports.append(domain.lease(item, c.worker_id, c.lease_seconds, now))
+                        leased[entry.job_id] = item
                 tx.save_many(changes)
                 tx.report_many(reports)
         except BaseException:
-            for entry in staged:
+            for entry in every:
                 self.cache.rollback(entry)
-            self.refresh([entry.job_id for entry in staged])
+            self.refresh([entry.job_id for entry in every])
             raise
-        done = {entry.job_id for entry, _ in leased}
-        for entry, item in leased:
-            self.cache.commit(entry, item)
-        conflicts = [entry for entry in staged if entry.job_id not in done]
-        for entry in conflicts:
-            self.cache.rollback(entry)
-        self.refresh([entry.job_id for entry in conflicts])
-        leases = []
-        for _, item in leased:
-            assert item.lease_token is not None and item.lease_deadline is not None
-            leases.append(Lease(item, item.lease_token, item.lease_deadline))
-        return leases, bool(conflicts)
+        conflicts = []
+        for entry in every:
+            item = leased.get(entry.job_id)
+            if item is None:
+                self.cache.rollback(entry)
+                conflicts.append(entry.job_id)
+            else:
+                self.cache.commit(entry, item)
+        self.refresh(conflicts)
+        results = []
+        for staged in staged_by_claim:
+            leases = []
+            for entry in staged:
+                item = leased.get(entry.job_id)
+                if item is not None:
+                    assert item.lease_token is not None and item.lease_deadline is not None
+                    leases.append(Lease(item, item.lease_token, item.lease_deadline))
+            results.append((leases, len(leases) < len(staged)))
+        return results
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
         """Record that the worker was seen. A worker claiming in a loop is written at most
@@ -378,8 +412,19 @@ class QueueManager:
 
     def complete_many(self, completions: list[Completion]) -> list[Item | BlixardError]:
         """Complete a batch in one transaction; each completion succeeds or gets its own
-        error (a stale token fails alone, and changes nothing)."""
+        error (a stale token fails alone, and changes nothing). Batches sent at the same
+        time share one transaction (group commit)."""
+        return self._completions.submit(completions)
 
+    def _complete_batches(self, batches: list[list[Completion]]) -> list[list[Item | BlixardError]]:
+        results = self._complete_all([c for batch in batches for c in batch])
+        split, start = [], 0
+        for batch in batches:
+            split.append(results[start : start + len(batch)])
+            start += len(batch)
+        return split
+
+    def _complete_all(self, completions: list[Completion]) -> list[Item | BlixardError]:
         def work(tx: Transaction) -> list[Item | BlixardError]:
             now = self.clock.now()
             held = tx.by_tokens([c.token for c in completions])
