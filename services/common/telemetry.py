@@ -3,7 +3,7 @@ and the W3C trace context carried with a job so its whole life is one trace."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -15,27 +15,33 @@ from opentelemetry.instrumentation.grpc import (
     server_interceptor,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 _provider: TracerProvider | None = None
 
 
-def setup_tracing(service_name: str, exporter: str = "none") -> TracerProvider:
-    """Install this process's tracer provider (once) and return it."""
+def setup_tracing(
+    service_name: str, exporter: str = "none", processors: Sequence[SpanProcessor] = ()
+) -> TracerProvider:
+    """Install this process's tracer provider (once) and return it. Spans go to the
+    ``exporter`` ("console" prints them) and to any ``processors`` given (tests)."""
     global _provider
     if _provider is None:
-        # With no exporter nothing recorded would leave the process, and recording a span
-        # per call cost about a third of a busy queue's CPU: new traces are then not
-        # sampled. Trace and span ids are still made and propagated (a job keeps its
-        # trace id), and a caller's sampled trace is still recorded.
-        sampler = ParentBased(ALWAYS_OFF if exporter == "none" else ALWAYS_ON)
+        sinks = list(processors)
+        if exporter == "console":
+            sinks.append(BatchSpanProcessor(ConsoleSpanExporter()))
+        # With nowhere to send them, recording a span per call cost about a third of a
+        # busy queue's CPU: new traces are then not sampled. Trace and span ids are still
+        # made and propagated (a job keeps its trace id), and a caller's sampled trace is
+        # still recorded.
+        sampler = ParentBased(ALWAYS_ON if sinks else ALWAYS_OFF)
         _provider = TracerProvider(
             resource=Resource.create({"service.name": service_name}), sampler=sampler
         )
-        if exporter == "console":
-            _provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        for sink in sinks:
+            _provider.add_span_processor(sink)
         trace.set_tracer_provider(_provider)
     return _provider
 

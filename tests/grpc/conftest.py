@@ -71,8 +71,7 @@ def install_tracing() -> InMemorySpanExporter:
     global _TRACING_READY
     with _TRACING_LOCK:
         if not _TRACING_READY:
-            provider = telemetry.setup_tracing("tests")
-            provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+            telemetry.setup_tracing("tests", processors=[SimpleSpanProcessor(_EXPORTER)])
             _TRACING_READY = True
     return _EXPORTER
 
