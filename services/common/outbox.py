@@ -21,7 +21,6 @@ from sqlalchemy import (
     Text,
     delete,
     func,
-    insert,
     select,
 )
 from sqlalchemy import update as sql_update
@@ -30,7 +29,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from services.common import telemetry
 from services.common.backoff import backoff
 from services.common.clock import Clock
-from services.common.db import reader, write_lock
+from services.common.db import BulkWrite, reader, write_lock
 from services.common.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -64,31 +63,25 @@ class Transient(Exception):
     """The receiver could not be reached; the message waits and is tried again."""
 
 
+# The columns add_many writes, in its rows' order.
+_COLUMNS = ("topic", "key", "payload", "created_at", "next_attempt_at", "attempts", "last_error")
+
+
 class SqlOutbox:
     def __init__(self, engine: Engine, row: type[OutboxMixin]) -> None:
         self._row: Any = row
         self._sessions = sessionmaker(engine)
         self._reads = sessionmaker(reader(engine))
         self._write_lock = write_lock(engine)
+        table = row.__table__  # type: ignore[attr-defined]  # a mapped class
+        self._insert = BulkWrite(engine, table, list(_COLUMNS))
 
     def add_many(
         self, session: Session, messages: list[tuple[str, str, dict[str, Any], datetime]]
     ) -> None:
         """Several messages in one statement: (topic, key, payload, now) each."""
-        if messages:
-            rows = [
-                {
-                    "topic": t,
-                    "key": k,
-                    "payload": json.dumps(p),
-                    "created_at": now,
-                    "next_attempt_at": now,
-                    "attempts": 0,
-                    "last_error": "",
-                }
-                for t, k, p, now in messages
-            ]
-            session.connection().execute(insert(self._row.__table__), rows)
+        rows = [[t, k, json.dumps(p), now, now, 0, ""] for t, k, p, now in messages]
+        self._insert.run(session.connection(), rows)
 
     def add(
         self, session: Session, topic: str, key: str, payload: dict[str, Any], now: datetime

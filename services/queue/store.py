@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -13,7 +14,7 @@ from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import has_tag, join_tags, reader, split_tags, write_lock
+from services.common.db import BulkWrite, has_tag, join_tags, reader, split_tags, write_lock
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.queue.cache import Entry
@@ -46,20 +47,6 @@ TRANSITION_FIELDS = (
 )
 
 
-def _conditional_update(names: list[str]) -> Any:
-    """One conditional UPDATE of these columns for a whole batch (built once: building
-    it costs more than running it)."""
-    return (
-        update(ITEMS)
-        .where(ITEMS.c.job_id == bindparam("w_job_id"), ITEMS.c.version == bindparam("w_version"))
-        .values({name: bindparam(f"v_{name}") for name in names})
-    )
-
-
-_SAVE_MANY = _conditional_update(list(TRANSITION_FIELDS))
-_REPLACE_MANY = _conditional_update([c.name for c in ITEM_COLUMNS])
-
-
 # The hot path's reads, built once: the IN list expands at execution.
 _GET_MANY = (
     select(*ITEM_COLUMNS)
@@ -73,15 +60,24 @@ _BY_TOKENS = (
 )
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """The store's batch writes, built once per engine (conditional on the version)."""
+
+    save: BulkWrite  # the transition fields
+    replace: BulkWrite  # every column
+
+
 def no_faults(point: str) -> None:
     """Tests inject store failures at "before_write", "after_write" and "commit"."""
 
 
 class Transaction:
-    def __init__(self, session: Session, outbox: SqlOutbox, fault: Fault) -> None:
+    def __init__(self, session: Session, outbox: SqlOutbox, fault: Fault, writes: _Writes) -> None:
         self.session = session
         self._outbox = outbox
         self._fault = fault
+        self._writes = writes
 
     def get_many(self, job_ids: list[str]) -> dict[str, Item]:
         """The items, locked for this transaction, by job id (missing ones absent)."""
@@ -95,30 +91,30 @@ class Transaction:
     def save_many(self, changes: list[tuple[Item, int]]) -> None:
         """Write each (item, version it was read at)'s transition fields if nobody changed
         the item since; one statement for all. A conflict aborts the whole transaction."""
-        self._update_many(_SAVE_MANY, changes, _transition_params)
+        self._update_many(self._writes.save, changes, _transition_values)
 
     def replace_many(self, changes: list[tuple[Item, int]]) -> None:
         """As save_many, writing the whole item (a new generation replaces the old)."""
-        self._update_many(_REPLACE_MANY, changes, _replace_params)
+        self._update_many(self._writes.replace, changes, _replace_values)
 
     def _update_many(
         self,
-        statement: Any,
+        statement: BulkWrite,
         changes: list[tuple[Item, int]],
-        params_of: Callable[[Item], dict[str, object]],
+        values_of: Callable[[Item], list[Any]],
     ) -> None:
         if not changes:
             return
         self._fault("before_write")
-        params = []
+        rows = []
         for item, expected in changes:
             item.version = expected + 1
-            row = params_of(item)
-            row["w_job_id"] = item.job_id
-            row["w_version"] = expected
-            params.append(row)
-        result = self.session.connection().execute(statement, params)
-        if result.rowcount not in (len(params), -1):
+            row = values_of(item)
+            row.append(item.job_id)
+            row.append(expected)
+            rows.append(row)
+        changed = statement.run(self.session.connection(), rows)
+        if changed not in (len(rows), -1):
             raise Aborted("items were changed concurrently", reason="CONFLICT")
 
     def report_many(self, reports: list[Report]) -> None:
@@ -230,11 +226,16 @@ class QueueStore:
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
         self._write_lock = write_lock(engine)
+        keys = ["job_id", "version"]
+        self._writes = _Writes(
+            save=BulkWrite(engine, ITEMS, list(TRANSITION_FIELDS), keys),
+            replace=BulkWrite(engine, ITEMS, [c.name for c in ITEM_COLUMNS], keys),
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         with self._write_lock, self._sessions.begin() as session:
-            yield Transaction(session, self.outbox, self.fault)
+            yield Transaction(session, self.outbox, self.fault, self._writes)
             self.fault("after_write")
             session.flush()
             self.fault("commit")
@@ -407,27 +408,36 @@ def _columns(item: Item) -> dict[str, object]:
     )
 
 
-def _transition_params(item: Item) -> dict[str, object]:
-    return {
-        "v_state": item.state.value,
-        "v_run_at": item.run_at,
-        "v_attempt": item.attempt,
-        "v_lease_token": item.lease_token,
-        "v_lease_deadline": item.lease_deadline,
-        "v_lease_seconds": item.lease_seconds,
-        "v_worker_id": item.worker_id,
-        "v_version": item.version,
-        "v_cancel_requested": item.cancel_requested,
-        "v_exit_code": item.exit_code,
-        "v_output_tail": item.output_tail,
-        "v_error": item.error,
-        "v_report_seq": item.report_seq,
-        "v_updated_at": item.updated_at,
-    }
+def _transition_values(item: Item) -> list[Any]:
+    """The item's TRANSITION_FIELDS, in that order."""
+    return [
+        item.state.value,
+        item.run_at,
+        item.attempt,
+        item.lease_token,
+        item.lease_deadline,
+        item.lease_seconds,
+        item.worker_id,
+        item.version,
+        item.cancel_requested,
+        item.exit_code,
+        item.output_tail,
+        item.error,
+        item.report_seq,
+        item.updated_at,
+    ]
 
 
-def _replace_params(item: Item) -> dict[str, object]:
-    return {f"v_{name}": value for name, value in _columns(item).items()}
+def _replace_values(item: Item) -> list[Any]:
+    columns = _columns(item)
+    return [columns[c.name] for c in ITEM_COLUMNS]
+
+
+_STATES = {state.value: state for state in ItemState}
+
+
+def _json_dict(text: str) -> dict[str, str]:
+    return {} if text == "{}" else json.loads(text)  # type: ignore[no-any-return]
 
 
 def _item(row: Any) -> Item:
@@ -435,14 +445,14 @@ def _item(row: Any) -> Item:
         job_id=row.job_id,
         generation=row.generation,
         spec=row.spec,
-        state=ItemState(row.state),
+        state=_STATES[row.state],
         priority=row.priority,
         run_at=to_utc(row.run_at),
         seq=row.seq,
         max_attempts=row.max_attempts,
         attempt=row.attempt,
         worker_types=split_tags(row.worker_types),
-        labels=json.loads(row.labels),
+        labels=_json_dict(row.labels),
         lease_token=row.lease_token,
         lease_deadline=to_utc(row.lease_deadline) if row.lease_deadline else None,
         lease_seconds=row.lease_seconds,
@@ -453,7 +463,7 @@ def _item(row: Any) -> Item:
         output_tail=row.output_tail,
         error=row.error,
         report_seq=row.report_seq,
-        trace_context=json.loads(row.trace_context),
+        trace_context=_json_dict(row.trace_context),
         created_at=to_utc(row.created_at),
         updated_at=to_utc(row.updated_at),
     )

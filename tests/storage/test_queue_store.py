@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import NewItem, QueueManager
 from tests.storage.queue_support import SteppedClock, make_manager, new
@@ -126,6 +126,39 @@ def test_leases_made_as_the_caller_went_away_are_given_back_uncounted(
     assert item.state is ItemState.WAITING and item.attempt == 0 and item.lease_token is None
     [lease] = manager.claim("w-2", "process", {}, 1, 30)
     assert lease.item.attempt == 1
+
+
+def test_a_batch_write_over_a_changed_item_aborts_and_writes_nothing(
+    manager: QueueManager,
+) -> None:
+    """The store's own fence: an item whose version moved since it was read is not
+    overwritten, and the rest of its batch is not written either."""
+    manager.enqueue_many([new("j-1"), new("j-2")])
+    one, two = manager.get("j-1"), manager.get("j-2")
+    for item in (one, two):
+        item.state, item.worker_id = ItemState.LEASED, "w-stale"
+
+    with pytest.raises(Aborted) as error, manager.store.transaction() as tx:
+        tx.save_many([(one, one.version), (two, two.version - 1)])  # j-2: stale
+
+    assert error.value.reason == "CONFLICT"
+    for job_id in ("j-1", "j-2"):
+        item = manager.get(job_id)
+        assert item.state is ItemState.WAITING and item.worker_id == ""
+
+
+def test_batch_writes_keep_datetimes_as_the_rest_of_the_store_reads_them(
+    manager: QueueManager,
+) -> None:
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w-1", "process", {}, 1, 30)
+    stored = manager.get("j-1")
+    assert stored.lease_deadline == lease.deadline and stored.lease_deadline.tzinfo is not None
+    # ... and SQL comparisons against them still hold: the lease is not yet expired, and
+    # is once the clock passes its deadline.
+    with manager.store.transaction() as tx:
+        assert tx.expired(lease.deadline - timedelta(seconds=1), 10) == []
+        assert [i.job_id for i in tx.expired(lease.deadline + timedelta(seconds=1), 10)] == ["j-1"]
 
 
 def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:

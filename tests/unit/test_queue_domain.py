@@ -411,9 +411,16 @@ def test_transitions_change_only_the_fields_the_store_writes(moves: list[str]) -
         assert changed <= set(TRANSITION_FIELDS), (move, changed - set(TRANSITION_FIELDS))
 
 
-def test_the_store_writes_every_transition_field() -> None:
-    from services.queue.store import TRANSITION_FIELDS, _transition_params
+def test_the_store_writes_every_transition_field_in_its_place() -> None:
+    from services.queue.store import TRANSITION_FIELDS, _transition_values
 
-    assert {key.removeprefix("v_") for key in _transition_params(make_item())} == set(
-        TRANSITION_FIELDS
-    )
+    item = make_item(state=ItemState.LEASED, attempt=2, lease_token="t", worker_id="w")
+    item.lease_deadline, item.lease_seconds, item.version = T0 + timedelta(seconds=9), 9.0, 4
+    item.exit_code, item.output_tail, item.error, item.report_seq = 3, "tail", "err", 5
+    item.cancel_requested, item.updated_at = True, T0 + timedelta(seconds=1)
+
+    written = dict(zip(TRANSITION_FIELDS, _transition_values(item), strict=True))
+
+    expected = {name: getattr(item, name) for name in TRANSITION_FIELDS}
+    expected["state"] = item.state.value
+    assert written == expected
