@@ -8,13 +8,17 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.common.clock import to_utc
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(to_utc(value))
-    return message
+    # Exact (no float), and several times faster than Timestamp.FromDatetime.
+    delta = to_utc(value) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1_000
+    )
 
 
 def from_timestamp(message: timestamp_pb2.Timestamp) -> datetime:
