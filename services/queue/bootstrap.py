@@ -33,7 +33,7 @@ def build(
     manager = QueueManager(store, clock, policy=config.retry, worker_timeout=config.worker_timeout)
     if jobs is None:
         jobs = JobsReporter(client.open_channel(config.jobs_address, config.shared.tokens.admin))
-    relay = Relay("queue-outbox-relay", store.outbox, jobs, clock, manager.feed)
+    relay = Relay("queue-outbox-relay", store.outbox, jobs, clock, store.reports)
     reaper = Reaper(manager, config.reap_interval, config.cache_sync_interval)
     servicer = QueueServicer(manager)
     running = server.create_server(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.common.clock import to_utc
 from services.common.db import BulkWrite, has_tag, join_tags, reader, split_tags, write_lock
 from services.common.errors import Aborted
+from services.common.feed import ChangeFeed
 from services.common.outbox import SqlOutbox
 from services.queue.cache import Entry
 from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
@@ -78,6 +79,7 @@ class Transaction:
         self._outbox = outbox
         self._fault = fault
         self._writes = writes
+        self.reported = False  # a report was written: the relay has work once this commits
 
     def get_many(self, job_ids: list[str]) -> dict[str, Item]:
         """The items, locked for this transaction, by job id (missing ones absent)."""
@@ -118,6 +120,7 @@ class Transaction:
             raise Aborted("items were changed concurrently", reason="CONFLICT")
 
     def report_many(self, reports: list[Report]) -> None:
+        self.reported = self.reported or bool(reports)
         self._outbox.add_many(
             self.session, [("status", r.job_id, _payload(r), r.at) for r in reports]
         )
@@ -191,6 +194,7 @@ class Transaction:
         return [_item(row) for row in self.session.scalars(query)]
 
     def report(self, report: Report) -> None:
+        self.reported = True
         self._outbox.add(self.session, "status", report.job_id, _payload(report), report.at)
 
     # ---- workers ----------------------------------------------------------------------
@@ -226,6 +230,9 @@ class QueueStore:
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
         self._write_lock = write_lock(engine)
+        # Changes once a transaction that wrote reports commits: the outbox relay waits
+        # on it (a claim wakes it too, though it wakes no long poll).
+        self.reports = ChangeFeed()
         keys = ["job_id", "version"]
         self._writes = _Writes(
             save=BulkWrite(engine, ITEMS, list(TRANSITION_FIELDS), keys),
@@ -235,10 +242,13 @@ class QueueStore:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         with self._write_lock, self._sessions.begin() as session:
-            yield Transaction(session, self.outbox, self.fault, self._writes)
+            tx = Transaction(session, self.outbox, self.fault, self._writes)
+            yield tx
             self.fault("after_write")
             session.flush()
             self.fault("commit")
+        if tx.reported:
+            self.reports.changed()
 
     def live_items(self, batch: int = 10_000) -> Iterator[Item]:
         """Every waiting or leased item, in pages (to fill the cache at start-up)."""

@@ -161,6 +161,26 @@ def test_batch_writes_keep_datetimes_as_the_rest_of_the_store_reads_them(
         assert [i.job_id for i in tx.expired(lease.deadline + timedelta(seconds=1), 10)] == ["j-1"]
 
 
+def test_each_committed_report_wakes_the_relay_a_claims_included(manager: QueueManager) -> None:
+    """The relay sends RUNNING as soon as a claim commits, not with the next enqueue or
+    completion (claims wake no long poll, so they cannot use the claim feed)."""
+    reports = manager.store.reports
+    seen = reports.version
+    manager.enqueue(new("j-1"))
+    assert reports.version != seen
+
+    seen, polls = reports.version, manager.feed.version
+    [lease] = manager.claim("w-1", "process", {}, 1, 30)
+    assert reports.version != seen and manager.feed.version == polls
+
+    seen = reports.version
+    manager.get("j-1")
+    manager.workers()
+    assert reports.version == seen
+    manager.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+    assert reports.version != seen
+
+
 def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:
     for i in range(200):
         manager.enqueue(new(f"j-{i:03d}"))
