@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import has_tag, join_tags
+from services.common.db import has_tag, join_tags, reader, write_lock
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.jobs.domain import (
@@ -204,15 +204,19 @@ class JobStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Reads begin without SQLite's write lock (WAL lets them read beside a writer);
+        # writers of this process queue on one lock instead of SQLite's busy handler.
+        self._reads = sessionmaker(reader(engine), expire_on_commit=False)
+        self._write_lock = write_lock(engine)
         self.outbox = SqlOutbox(engine, OutboxRow)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        with self._sessions.begin() as session:
+        with self._write_lock, self._sessions.begin() as session:
             yield Transaction(session, self.outbox)
 
     def get(self, job_id: str) -> Job | None:
-        with self._sessions() as session:
+        with self._reads() as session:
             row = session.get(JobRow, job_id)
             return _job(row) if row else None
 
@@ -238,13 +242,13 @@ class JobStore:
             )
         if after is not None:
             query = query.where(tuple_(JobRow.created_at, JobRow.job_id) > after)
-        with self._sessions() as session:
+        with self._reads() as session:
             return [_job(row) for row in session.scalars(query)]
 
     def read_output(self, job_id: str, generation: int, after: int) -> OutputRead | None:
         """The stored output of the generation's latest attempt that ends past ``after``,
         or None when nothing was ever stored for it."""
-        with self._sessions() as session:
+        with self._reads() as session:
             head = session.get(JobOutputRow, (job_id, generation))
             if head is None:
                 return None
@@ -259,7 +263,7 @@ class JobStore:
 
     def events(self, job_id: str) -> list[JobEvent]:
         query = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
-        with self._sessions() as session:
+        with self._reads() as session:
             return [
                 JobEvent(r.job_id, r.generation, JobState(r.state), to_utc(r.at), r.actor, r.reason)
                 for r in session.scalars(query)
