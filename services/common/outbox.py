@@ -108,8 +108,12 @@ class SqlOutbox:
             ]
 
     def delivered(self, message_id: int) -> None:
-        with self._write_lock, self._sessions.begin() as session:
-            session.execute(delete(self._row).where(self._row.id == message_id))
+        self.delivered_many([message_id])
+
+    def delivered_many(self, message_ids: list[int]) -> None:
+        if message_ids:
+            with self._write_lock, self._sessions.begin() as session:
+                session.execute(delete(self._row).where(self._row.id.in_(message_ids)))
 
     def postpone(self, message_id: int, until: datetime, error: str) -> None:
         row = self._row
@@ -125,9 +129,16 @@ class SqlOutbox:
             return session.scalar(select(func.count()).select_from(self._row)) or 0
 
 
+# A receiver that takes several messages in one call answers, for each in order, None
+# (delivered) or the exception that kept it from being delivered (Transient: try later).
+DeliverMany = Callable[[list[Message]], list[Exception | None]]
+
+
 class Relay:
-    """Delivers due messages in id order. A message that fails holds back the rest of the
-    batch (order is kept) and waits with exponential backoff; nothing is dropped."""
+    """Delivers due messages in id order. A message that fails ends the round and waits
+    with exponential backoff (the messages after it go in the next round); nothing is
+    dropped. With ``deliver_many`` a batch goes in one call; the messages before the first
+    that failed count as delivered, the rest are sent again (receivers are idempotent)."""
 
     def __init__(
         self,
@@ -139,10 +150,12 @@ class Relay:
         *,
         batch: int = 100,
         idle_seconds: float = 1.0,
+        deliver_many: DeliverMany | None = None,
     ) -> None:
         self.name = name
         self.outbox = outbox
         self.deliver = deliver
+        self.deliver_many = deliver_many
         self.clock = clock
         self.feed = feed
         self.batch = batch
@@ -175,6 +188,8 @@ class Relay:
     def run_once(self) -> bool:
         """Deliver what is due; True when more may be waiting."""
         messages = self.outbox.due(self.clock.now(), self.batch)
+        if self.deliver_many is not None and messages:
+            return self._send_many(messages) and len(messages) == self.batch
         for message in messages:
             if self._stopping.is_set() or not self._send(message):
                 return False
@@ -190,6 +205,28 @@ class Relay:
             self._postpone(message, repr(exc), logging.ERROR)
             return False
         self.outbox.delivered(message.id)
+        return True
+
+    def _send_many(self, messages: list[Message]) -> bool:
+        """One call for the batch; True when every message was delivered."""
+        assert self.deliver_many is not None
+        try:
+            outcomes = self.deliver_many(messages)
+            if len(outcomes) != len(messages):
+                raise RuntimeError(f"{len(outcomes)} answers for {len(messages)} messages")
+        except Exception as exc:  # the call itself failed: the head waits, the rest with it
+            outcomes = [exc]
+        delivered: list[int] = []
+        for message, outcome in zip(messages, outcomes, strict=False):
+            if outcome is not None:
+                self.outbox.delivered_many(delivered)
+                if isinstance(outcome, Transient):
+                    self._postpone(message, str(outcome), logging.INFO)
+                else:
+                    self._postpone(message, repr(outcome), logging.ERROR)
+                return False
+            delivered.append(message.id)
+        self.outbox.delivered_many(delivered)
         return True
 
     def _postpone(self, message: Message, error: str, level: int) -> None:

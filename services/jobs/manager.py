@@ -8,7 +8,7 @@ from datetime import datetime
 
 from services.common import paging
 from services.common.clock import Clock
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
 from services.common.feed import ChangeFeed
 from services.jobs import domain
 from services.jobs.domain import (
@@ -135,19 +135,32 @@ class JobManager:
         return job
 
     def update_status(self, update: StatusUpdate) -> bool:
+        result = self.update_status_many([update])[0]
+        if isinstance(result, BlixardError):
+            raise result
+        return result
+
+    def update_status_many(self, updates: list[StatusUpdate]) -> list[bool | BlixardError]:
+        """Apply the queue's updates in order, in one transaction: each is applied (True),
+        a duplicate or late one ignored (False), or refused on its own (an unknown job:
+        NOT_FOUND)."""
+        results: list[bool | BlixardError] = []
         with self.store.transaction() as tx:
-            job = tx.get(update.job_id, for_update=True)
-            if job is None:
-                raise NotFound("job", update.job_id)
-            before = (job.last_sequence, job.updated_at)
-            event = domain.apply_update(job, update)
-            if (job.last_sequence, job.updated_at) != before:
-                tx.save(job)
-            if event is not None:
-                tx.record(event)
-        if event is not None:
+            for update in updates:
+                job = tx.get(update.job_id, for_update=True)
+                if job is None:
+                    results.append(NotFound("job", update.job_id))
+                    continue
+                before = (job.last_sequence, job.updated_at)
+                event = domain.apply_update(job, update)
+                if (job.last_sequence, job.updated_at) != before:
+                    tx.save(job)
+                if event is not None:
+                    tx.record(event)
+                results.append(event is not None)
+        if any(result is True for result in results):
             self._changed()
-        return event is not None
+        return results
 
     def events(self, job_id: str) -> list[JobEvent]:
         self.get(job_id)

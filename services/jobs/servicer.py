@@ -11,6 +11,7 @@ from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
 from services.common import telemetry
 from services.common.auth import Policy, Role
+from services.common.errors import BlixardError
 from services.common.jobspec import (
     check_labels,
     check_spec,
@@ -35,7 +36,7 @@ POLICY: Policy = {
     "GetJobOutput": _CLIENT,
     # The worker sends the output of the jobs it runs.
     "AppendJobOutput": frozenset({Role.WORKER}),
-    # UpdateJobStatus: the queue's own calls, with the admin token.
+    # UpdateJobStatus, BatchUpdateJobStatus: the queue's own calls, with the admin token.
 }
 
 MAX_REQUEST_ID = 256
@@ -44,6 +45,28 @@ MAX_PAGE_SIZE = 1000
 WATCH_POLL_SECONDS = 1.0
 MAX_OUTPUT_CHUNK = 64 * 1024
 MAX_OUTPUT_OFFSET = 2**62
+
+
+MAX_STATUS_BATCH = 500
+
+
+def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
+    _check_job_id(request.job_id, problems)
+    problems.check(request.generation >= 1, "generation", "at least 1")
+    problems.check(request.sequence >= 1, "sequence", "at least 1")
+    problems.check(convert.is_state(request.state), "state", "required: a job state")
+    if request.HasField("event_time"):
+        check_timestamp(request.event_time, "event_time", problems)
+
+
+def _batch_result(result: bool | BlixardError) -> pb.BatchUpdateJobStatusResult:
+    if isinstance(result, BlixardError):
+        return pb.BatchUpdateJobStatusResult(
+            error=pb.BatchUpdateJobStatusError(
+                code=result.code.value[0], reason=result.reason, message=result.message
+            )
+        )
+    return pb.BatchUpdateJobStatusResult(response=pb.UpdateJobStatusResponse(applied=result))
 
 
 def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> None:
@@ -142,15 +165,37 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self, request: pb.UpdateJobStatusRequest, context: grpc.ServicerContext
     ) -> pb.UpdateJobStatusResponse:
         problems = Problems()
-        _check_job_id(request.job_id, problems)
-        problems.check(request.generation >= 1, "generation", "at least 1")
-        problems.check(request.sequence >= 1, "sequence", "at least 1")
-        problems.check(convert.is_state(request.state), "state", "required: a job state")
-        if request.HasField("event_time"):
-            check_timestamp(request.event_time, "event_time", problems)
+        _check_update(request, problems)
         problems.raise_if_any()
         update = convert.status_update(request, self.manager.clock.now())
         return pb.UpdateJobStatusResponse(applied=self.manager.update_status(update))
+
+    def BatchUpdateJobStatus(
+        self, request: pb.BatchUpdateJobStatusRequest, context: grpc.ServicerContext
+    ) -> pb.BatchUpdateJobStatusResponse:
+        problems = Problems()
+        problems.check(
+            0 < len(request.requests) <= MAX_STATUS_BATCH,
+            "requests",
+            f"between 1 and {MAX_STATUS_BATCH}",
+        )
+        problems.raise_if_any()
+        now = self.manager.clock.now()
+        refused: dict[int, BlixardError] = {}
+        updates = []
+        for i, one in enumerate(request.requests):
+            own = Problems()
+            _check_update(one, own)
+            error = own.error()
+            if error is not None:  # this update alone is refused
+                refused[i] = error
+            else:
+                updates.append(convert.status_update(one, now))
+        applied = iter(self.manager.update_status_many(updates))
+        results = [
+            refused[i] if i in refused else next(applied) for i in range(len(request.requests))
+        ]
+        return pb.BatchUpdateJobStatusResponse(results=[_batch_result(r) for r in results])
 
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext

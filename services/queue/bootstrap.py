@@ -31,9 +31,20 @@ def build(
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     store = QueueStore(engine)
     manager = QueueManager(store, clock, policy=config.retry, worker_timeout=config.worker_timeout)
+    deliver_many = None
     if jobs is None:
-        jobs = JobsReporter(client.open_channel(config.jobs_address, config.shared.tokens.admin))
-    relay = Relay("queue-outbox-relay", store.outbox, jobs, clock, store.reports)
+        reporter = JobsReporter(
+            client.open_channel(config.jobs_address, config.shared.tokens.admin)
+        )
+        jobs, deliver_many = reporter, reporter.many
+    relay = Relay(
+        "queue-outbox-relay",
+        store.outbox,
+        jobs,
+        clock,
+        store.reports,
+        deliver_many=deliver_many,
+    )
     reaper = Reaper(manager, config.reap_interval, config.cache_sync_interval)
     servicer = QueueServicer(manager)
     running = server.create_server(

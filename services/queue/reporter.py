@@ -1,8 +1,10 @@
-"""Delivers the queue's outbox (item transitions) to JobService.UpdateJobStatus."""
+"""Delivers the queue's outbox (item transitions) to the jobs service: a batch at a time
+with BatchUpdateJobStatus, or one message with UpdateJobStatus."""
 
 from __future__ import annotations
 
 import grpc
+from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as jpb_grpc
 
 from services.common.client import call
@@ -10,6 +12,11 @@ from services.common.outbox import Message
 from services.queue import convert
 
 CALL_TIMEOUT = 5.0
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+class UpdateRefused(Exception):
+    """The jobs service refused one update of a batch (kept, and tried again later)."""
 
 
 class JobsReporter:
@@ -23,3 +30,35 @@ class JobsReporter:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             # The jobs service does not know this job: nothing there to update.
+
+    def many(self, messages: list[Message]) -> list[Exception | None]:
+        request = jpb.BatchUpdateJobStatusRequest(
+            requests=[convert.update_request(m.payload) for m in messages]
+        )
+        try:
+            response: jpb.BatchUpdateJobStatusResponse = call(  # type: ignore[assignment]
+                self._stub.BatchUpdateJobStatus, request, CALL_TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return self._one_by_one(messages)  # a jobs service from before the batch call
+        outcomes: list[Exception | None] = []
+        for result in response.results:
+            error = result.error if result.HasField("error") else None
+            if error is None or error.code == NOT_FOUND:  # an unknown job: nothing to update
+                outcomes.append(None)
+            else:
+                outcomes.append(UpdateRefused(f"{error.reason}: {error.message}"))
+        return outcomes
+
+    def _one_by_one(self, messages: list[Message]) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for message in messages:
+            try:
+                self(message)
+            except Exception as exc:
+                outcomes.append(exc)
+                break  # the rest wait behind it, in order
+            outcomes.append(None)
+        return outcomes + [UpdateRefused("not sent")] * (len(messages) - len(outcomes))

@@ -184,6 +184,12 @@ class Stack:
         self.jobs = start(jobs_bootstrap.build(jobs))
         return self
 
+    def start_jobs(self) -> Stack:
+        """The jobs service alone: its queue address is a port nobody listens on."""
+        jobs = jobs_config.load({**self.shared, **jobs_env(self.tmp, free_port(), free_port())})
+        self.jobs = start(jobs_bootstrap.build(jobs))
+        return self
+
     def start_vms(self, extra: dict[str, str] | None = None) -> Stack:
         self.vms = start(vms_bootstrap.build(vms_config.load({**self.shared, **vms_env(extra)})))
         return self
