@@ -31,8 +31,14 @@ def build(
     if queue is None:
         channel = client.open_channel(config.queue_address, config.shared.tokens.admin)
         queue = GrpcQueue(channel)
+    delivery = QueueDelivery(store, queue)
     relay = Relay(
-        "jobs-outbox-relay", store.outbox, QueueDelivery(store, queue), clock, manager.feed
+        "jobs-outbox-relay",
+        store.outbox,
+        delivery,
+        clock,
+        manager.feed,
+        deliver_many=delivery.many,
     )
     servicer = JobServicer(manager)
     running = server.create_server(

@@ -13,18 +13,49 @@ from services.jobs.domain import Job
 CALL_TIMEOUT = 5.0
 
 
+class EnqueueRefused(Exception):
+    """The queue refused one job of a batch (it stays in the outbox, tried again later)."""
+
+
+def _enqueue_request(job: Job) -> qpb.EnqueueRequest:
+    return qpb.EnqueueRequest(
+        job_id=job.job_id,
+        generation=job.generation,
+        spec=convert.spec_message(job.spec_json),
+        trace_context=job.trace_context,
+    )
+
+
 class GrpcQueue:
     def __init__(self, channel: grpc.Channel) -> None:
         self._stub = qpb_grpc.QueueServiceStub(channel)
 
     def enqueue(self, job: Job) -> None:
-        request = qpb.EnqueueRequest(
-            job_id=job.job_id,
-            generation=job.generation,
-            spec=convert.spec_message(job.spec_json),
-            trace_context=job.trace_context,
-        )
-        call(self._stub.Enqueue, request, CALL_TIMEOUT)
+        call(self._stub.Enqueue, _enqueue_request(job), CALL_TIMEOUT)
+
+    def enqueue_many(self, jobs: list[Job]) -> list[Exception | None]:
+        """One BatchEnqueue: for each job, None (enqueued, or already there) or why the
+        queue refused it. A queue without the batch call gets them one by one."""
+        request = qpb.BatchEnqueueRequest(requests=[_enqueue_request(job) for job in jobs])
+        try:
+            response: qpb.BatchEnqueueResponse = call(  # type: ignore[assignment]
+                self._stub.BatchEnqueue, request, CALL_TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            outcomes: list[Exception | None] = []
+            for job in jobs:
+                try:
+                    self.enqueue(job)
+                except Exception as one:
+                    return outcomes + [one] * (len(jobs) - len(outcomes))
+                outcomes.append(None)
+            return outcomes
+        return [
+            EnqueueRefused(f"{r.error.reason}: {r.error.message}") if r.HasField("error") else None
+            for r in response.results
+        ]
 
     def cancel(self, job_id: str, generation: int) -> None:
         try:

@@ -14,6 +14,8 @@ from services.jobs.store import JobStore
 class QueuePort(Protocol):
     def enqueue(self, job: Job) -> None: ...
 
+    def enqueue_many(self, jobs: list[Job]) -> list[Exception | None]: ...
+
     def cancel(self, job_id: str, generation: int) -> None: ...
 
 
@@ -24,16 +26,61 @@ class QueueDelivery:
         self._tracer = telemetry.tracer(__name__)
 
     def __call__(self, message: Message) -> None:
-        job_id, generation = message.payload["job_id"], message.payload["generation"]
-        if message.topic == "cancel":
-            self.queue.cancel(job_id, generation)
-            return
-        job = self.store.get(job_id)
-        if job is None or job.generation != generation or job.state.terminal:
-            return  # superseded by a newer generation, or cancelled before it was sent
-        with self._tracer.start_as_current_span(
-            "outbox.enqueue",
-            context=telemetry.context_from(job.trace_context),
-            attributes={"blixard.job_id": job_id, "blixard.generation": generation},
-        ):
-            self.queue.enqueue(job)
+        [outcome] = self.many([message])
+        if outcome is not None:
+            raise outcome
+
+    def many(self, messages: list[Message]) -> list[Exception | None]:
+        """The relay's batch: runs of "enqueue" messages go in one BatchEnqueue; a "cancel"
+        goes on its own, after the enqueues before it. None for each message delivered
+        (or no longer worth sending), else why not; nothing after a failure is sent."""
+        outcomes: list[Exception | None] = []
+        pending: list[tuple[Message, Job]] = []
+
+        def flush() -> bool:
+            results = self._enqueue([job for _, job in pending])
+            outcomes.extend(results)
+            pending.clear()
+            return all(result is None for result in results)
+
+        for message in messages:
+            job_id, generation = message.payload["job_id"], message.payload["generation"]
+            if message.topic == "cancel":
+                if pending and not flush():
+                    break
+                try:
+                    self.queue.cancel(job_id, generation)
+                except Exception as exc:
+                    outcomes.append(exc)
+                    break
+                outcomes.append(None)
+                continue
+            job = self.store.get(job_id)
+            if job is None or job.generation != generation or job.state.terminal:
+                if pending and not flush():
+                    break
+                outcomes.append(None)  # superseded, or cancelled before it was sent
+                continue
+            pending.append((message, job))
+        else:
+            if pending:
+                flush()
+        return outcomes + [RuntimeError("not sent")] * (len(messages) - len(outcomes))
+
+    def _enqueue(self, jobs: list[Job]) -> list[Exception | None]:
+        # Each job's trace shows its enqueue, for the one call that sends them all.
+        spans = [
+            self._tracer.start_span(
+                "outbox.enqueue",
+                context=telemetry.context_from(job.trace_context),
+                attributes={"blixard.job_id": job.job_id, "blixard.generation": job.generation},
+            )
+            for job in jobs
+        ]
+        try:
+            return self.queue.enqueue_many(jobs)
+        except Exception as exc:  # the call failed: the first waits, the rest with it
+            return [exc] * len(jobs)
+        finally:
+            for span in spans:
+                span.end()

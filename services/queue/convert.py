@@ -68,13 +68,15 @@ def item_message(item: Item) -> pb.WorkItem:
     return message
 
 
+def batch_error(error: BlixardError) -> pb.BatchCompleteError:
+    return pb.BatchCompleteError(
+        code=error.code.value[0], reason=error.reason, message=error.message
+    )
+
+
 def batch_result(result: Item | BlixardError) -> pb.BatchCompleteResult:
     if isinstance(result, BlixardError):
-        return pb.BatchCompleteResult(
-            error=pb.BatchCompleteError(
-                code=result.code.value[0], reason=result.reason, message=result.message
-            )
-        )
+        return pb.BatchCompleteResult(error=batch_error(result))
     return pb.BatchCompleteResult(item=item_message(result))
 
 

@@ -8,8 +8,9 @@ import grpc
 from blixard.queue.v1 import queue_service_pb2 as pb
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
-from services.common import pbtime
+from services.common import pbtime, telemetry
 from services.common.auth import Policy, Role
+from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
 from services.common.validation import Problems
 from services.queue import convert
@@ -43,6 +44,16 @@ MAX_BATCH = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+MAX_ENQUEUE_BATCH = 500
+
+
+def _check_enqueue(request: pb.EnqueueRequest, problems: Problems) -> None:
+    _check_id(request.job_id, "job_id", problems)
+    problems.check(request.generation >= 1, "generation", "at least 1")
+    if problems.check(request.HasField("spec"), "spec", "required"):
+        check_spec(request.spec, "spec", problems)
 
 
 def _check_id(value: str, field: str, problems: Problems) -> None:
@@ -100,18 +111,61 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
 class QueueServicer(pb_grpc.QueueServiceServicer):
     def __init__(self, manager: QueueManager) -> None:
         self.manager = manager
+        self._tracer = telemetry.tracer(__name__)
 
     def Enqueue(
         self, request: pb.EnqueueRequest, context: grpc.ServicerContext
     ) -> pb.EnqueueResponse:
         problems = Problems()
-        _check_id(request.job_id, "job_id", problems)
-        problems.check(request.generation >= 1, "generation", "at least 1")
-        if problems.check(request.HasField("spec"), "spec", "required"):
-            check_spec(request.spec, "spec", problems)
+        _check_enqueue(request, problems)
         problems.raise_if_any()
         item, created = self.manager.enqueue(convert.new_item(request))
         return pb.EnqueueResponse(item=convert.item_message(item), created=created)
+
+    def BatchEnqueue(
+        self, request: pb.BatchEnqueueRequest, context: grpc.ServicerContext
+    ) -> pb.BatchEnqueueResponse:
+        problems = Problems()
+        problems.check(
+            0 < len(request.requests) <= MAX_ENQUEUE_BATCH,
+            "requests",
+            f"between 1 and {MAX_ENQUEUE_BATCH}",
+        )
+        problems.raise_if_any()
+        refused: dict[int, BlixardError] = {}
+        news = []
+        for i, one in enumerate(request.requests):
+            own = Problems()
+            _check_enqueue(one, own)
+            error = own.error()
+            if error is not None:  # this one alone is refused
+                refused[i] = error
+            else:
+                news.append(convert.new_item(one))
+        # Each job's own trace shows its enqueue: one span per item, under the trace
+        # context it carries, for the transaction that enqueued them all.
+        spans = [
+            self._tracer.start_span(
+                "queue.enqueue",
+                context=telemetry.context_from(new.trace_context),
+                attributes={"blixard.job_id": new.job_id, "blixard.generation": new.generation},
+            )
+            for new in news
+        ]
+        try:
+            done = iter(self.manager.enqueue_many(news) if news else [])
+        finally:
+            for span in spans:
+                span.end()
+        results = []
+        for i in range(len(request.requests)):
+            if i in refused:
+                results.append(pb.BatchEnqueueResult(error=convert.batch_error(refused[i])))
+            else:
+                item, created = next(done)
+                response = pb.EnqueueResponse(item=convert.item_message(item), created=created)
+                results.append(pb.BatchEnqueueResult(response=response))
+        return pb.BatchEnqueueResponse(results=results)
 
     def Claim(self, request: pb.ClaimRequest, context: grpc.ServicerContext) -> pb.ClaimResponse:
         problems = Problems()

@@ -153,3 +153,38 @@ def test_a_worker_gone_during_its_long_poll_is_handed_nothing(
 
     assert lease.item.job_id == "job-1" and lease.item.attempt == 1
     assert lease.item.worker_id == "w-api"
+
+
+def test_batch_enqueue_enqueues_each_once_and_refuses_the_bad_ones_alone(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stub = make_stack().start_pair().queue_stub()
+
+    def one(job_id: str, **fields: object) -> qpb.EnqueueRequest:
+        return qpb.EnqueueRequest(job_id=job_id, generation=1, spec=spec("true"), **fields)  # type: ignore[arg-type]
+
+    response = stub.BatchEnqueue(
+        qpb.BatchEnqueueRequest(
+            requests=[
+                one("batch-1"),
+                one("batch-1"),  # the same job and generation again: already there
+                qpb.EnqueueRequest(job_id="batch-2", generation=1),  # no spec
+                one("batch-3"),
+            ]
+        ),
+        timeout=10,
+    )
+
+    kinds = [r.WhichOneof("result") for r in response.results]
+    assert kinds == ["response", "response", "error", "response"]
+    assert [r.response.created for r in response.results if r.HasField("response")] == [
+        True,
+        False,
+        True,
+    ]
+    refused = response.results[2].error
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "spec" in refused.message
+    assert sorted(lease.item.job_id for lease in claim(stub, 10)) == ["batch-1", "batch-3"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.BatchEnqueue(qpb.BatchEnqueueRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

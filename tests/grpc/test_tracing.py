@@ -14,7 +14,6 @@ from opentelemetry.trace import SpanKind
 from tests.grpc.conftest import RPC_TIMEOUT, Stack, eventually, spans_in_trace, spec, wait_for_state
 
 SUBMIT = "/blixard.jobs.v1.JobService/SubmitJob"
-ENQUEUE = "/blixard.queue.v1.QueueService/Enqueue"
 COMPLETE = "/blixard.queue.v1.QueueService/Complete"
 
 
@@ -85,14 +84,25 @@ def test_the_relayed_enqueue_joins_the_submit_trace(
     job, trace_id = _submit_in_a_trace(traced, spec("true"))
 
     submit = _server_span(span_exporter, trace_id, SUBMIT)
-    enqueue = _server_span(span_exporter, trace_id, ENQUEUE)
+    # The relay sends a batch in one BatchEnqueue; each job's trace gets the relay's span
+    # for it and, inside the queue, the span of the transaction that enqueued it.
+    enqueue = eventually(
+        lambda: next(
+            (s for s in spans_in_trace(span_exporter, trace_id) if s.name == "queue.enqueue"),
+            None,
+        ),
+        10,
+        f"the queue's enqueue span in trace {trace_id}",
+    )
 
     assert job.trace_id == trace_id
     assert enqueue.context.trace_id == submit.context.trace_id
+    assert enqueue.attributes["blixard.job_id"] == job.job_id
     # It was made later, by the relay thread, not inside the submit call.
     assert enqueue.start_time >= submit.start_time
     relay = [s for s in spans_in_trace(span_exporter, trace_id) if s.name == "outbox.enqueue"]
     assert relay and relay[0].attributes["blixard.job_id"] == job.job_id
+    assert relay[0].start_time <= enqueue.start_time
 
 
 def test_execution_and_completion_join_the_job_trace(
