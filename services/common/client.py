@@ -4,6 +4,8 @@ UNAVAILABLE only (service config), tracing, and the bearer token when one is set
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -12,6 +14,8 @@ from services.common.auth import BearerTokenInterceptor
 from services.common.errors import describe
 from services.common.outbox import Transient
 from services.common.server import MAX_MESSAGE_BYTES
+
+T = TypeVar("T")
 
 _RETRY_CONFIG = json.dumps(
     {
@@ -62,3 +66,16 @@ def call(method: grpc.UnaryUnaryMultiCallable, request: object, timeout: float) 
         if exc.code() in TRANSIENT_CODES:
             raise Transient(str(describe(exc))) from None
         raise
+
+
+def one_by_one(items: Sequence[T], send: Callable[[T], object]) -> list[Exception | None]:
+    """For a peer without a batch call: send each item alone, in order. None for each sent;
+    the first failure is that item's answer and every later item's (they were not sent)."""
+    answers: list[Exception | None] = []
+    for item in items:
+        try:
+            send(item)
+        except Exception as exc:
+            return answers + [exc] * (len(items) - len(answers))
+        answers.append(None)
+    return answers

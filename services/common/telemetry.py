@@ -3,7 +3,8 @@ and the W3C trace context carried with a job so its whole life is one trace."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -76,3 +77,20 @@ def trace_id_of(carrier: Mapping[str, str]) -> str:
     """The 32-hex trace id in a traceparent, or ''."""
     parts = carrier.get("traceparent", "").split("-")
     return parts[1] if len(parts) == 4 else ""
+
+
+@contextmanager
+def span_per_item(
+    tracer_: trace.Tracer, name: str, items: Iterable[tuple[Mapping[str, str], dict[str, Any]]]
+) -> Iterator[None]:
+    """One span per item of a batch, each in the trace its carrier names (with its
+    attributes), all covering the one call that handles them together."""
+    spans = [
+        tracer_.start_span(name, context=context_from(carrier), attributes=attributes)
+        for carrier, attributes in items
+    ]
+    try:
+        yield
+    finally:
+        for span in spans:
+            span.end()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from services.common.errors import InvalidArgument
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -55,3 +59,33 @@ def combine(violations: Iterable[FieldViolation]) -> InvalidArgument | None:
         f"the request has {len(items)} {noun}: {summary}",
         violations=[(v.field, v.description) for v in items],
     )
+
+
+@dataclass(frozen=True)
+class BatchCheck(Generic[T]):
+    """A batch call's requests checked one by one: the valid ones go on, each invalid one
+    is refused alone (its own INVALID_ARGUMENT), and ``merge`` puts the answers back in
+    the requests' order."""
+
+    valid: list[T]
+    refused: dict[int, InvalidArgument]
+    size: int
+
+    def merge(self, answers: Iterable[R]) -> list[R | InvalidArgument]:
+        """The answers of the valid requests (in order) with the refusals, by position."""
+        given = iter(answers)
+        return [self.refused[i] if i in self.refused else next(given) for i in range(self.size)]
+
+
+def check_each(requests: Sequence[T], check: Callable[[T, Problems], None]) -> BatchCheck[T]:
+    valid: list[T] = []
+    refused: dict[int, InvalidArgument] = {}
+    for i, request in enumerate(requests):
+        problems = Problems()
+        check(request, problems)
+        error = problems.error()
+        if error is None:
+            valid.append(request)
+        else:
+            refused[i] = error
+    return BatchCheck(valid, refused, len(requests))

@@ -6,7 +6,7 @@ import grpc
 from blixard.queue.v1 import queue_service_pb2 as qpb
 from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
-from services.common.client import call
+from services.common.client import call, one_by_one
 from services.jobs import convert
 from services.jobs.domain import Job
 
@@ -44,14 +44,7 @@ class GrpcQueue:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
-            outcomes: list[Exception | None] = []
-            for job in jobs:
-                try:
-                    self.enqueue(job)
-                except Exception as one:
-                    return outcomes + [one] * (len(jobs) - len(outcomes))
-                outcomes.append(None)
-            return outcomes
+            return one_by_one(jobs, self.enqueue)
         return [
             EnqueueRefused(f"{r.error.reason}: {r.error.message}") if r.HasField("error") else None
             for r in response.results

@@ -69,18 +69,15 @@ class QueueDelivery:
 
     def _enqueue(self, jobs: list[Job]) -> list[Exception | None]:
         # Each job's trace shows its enqueue, for the one call that sends them all.
-        spans = [
-            self._tracer.start_span(
-                "outbox.enqueue",
-                context=telemetry.context_from(job.trace_context),
-                attributes={"blixard.job_id": job.job_id, "blixard.generation": job.generation},
+        carriers = (
+            (
+                job.trace_context,
+                {"blixard.job_id": job.job_id, "blixard.generation": job.generation},
             )
             for job in jobs
-        ]
-        try:
-            return self.queue.enqueue_many(jobs)
-        except Exception as exc:  # the call failed: the first waits, the rest with it
-            return [exc] * len(jobs)
-        finally:
-            for span in spans:
-                span.end()
+        )
+        with telemetry.span_per_item(self._tracer, "outbox.enqueue", carriers):
+            try:
+                return self.queue.enqueue_many(jobs)
+            except Exception as exc:  # the call failed: the first waits, the rest with it
+                return [exc] * len(jobs)

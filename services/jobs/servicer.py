@@ -18,7 +18,7 @@ from services.common.jobspec import (
     check_timestamp,
     check_worker_type,
 )
-from services.common.validation import Problems
+from services.common.validation import Problems, check_each
 from services.jobs import convert
 from services.jobs.manager import JobManager
 
@@ -181,20 +181,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
         problems.raise_if_any()
         now = self.manager.clock.now()
-        refused: dict[int, BlixardError] = {}
-        updates = []
-        for i, one in enumerate(request.requests):
-            own = Problems()
-            _check_update(one, own)
-            error = own.error()
-            if error is not None:  # this update alone is refused
-                refused[i] = error
-            else:
-                updates.append(convert.status_update(one, now))
-        applied = iter(self.manager.update_status_many(updates))
-        results = [
-            refused[i] if i in refused else next(applied) for i in range(len(request.requests))
-        ]
+        batch = check_each(request.requests, _check_update)
+        applied = self.manager.update_status_many(
+            [convert.status_update(one, now) for one in batch.valid]
+        )
+        results = batch.merge(applied)
         return pb.BatchUpdateJobStatusResponse(results=[_batch_result(r) for r in results])
 
     def WatchJob(

@@ -7,7 +7,7 @@ import grpc
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as jpb_grpc
 
-from services.common.client import call
+from services.common.client import call, one_by_one
 from services.common.outbox import Message
 from services.queue import convert
 
@@ -42,7 +42,7 @@ class JobsReporter:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
-            return self._one_by_one(messages)  # a jobs service from before the batch call
+            return one_by_one(messages, self)  # a jobs service from before the batch call
         outcomes: list[Exception | None] = []
         for result in response.results:
             error = result.error if result.HasField("error") else None
@@ -51,14 +51,3 @@ class JobsReporter:
             else:
                 outcomes.append(UpdateRefused(f"{error.reason}: {error.message}"))
         return outcomes
-
-    def _one_by_one(self, messages: list[Message]) -> list[Exception | None]:
-        outcomes: list[Exception | None] = []
-        for message in messages:
-            try:
-                self(message)
-            except Exception as exc:
-                outcomes.append(exc)
-                break  # the rest wait behind it, in order
-            outcomes.append(None)
-        return outcomes + [UpdateRefused("not sent")] * (len(messages) - len(outcomes))

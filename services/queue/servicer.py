@@ -12,7 +12,7 @@ from services.common import pbtime, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
-from services.common.validation import Problems
+from services.common.validation import Problems, check_each
 from services.queue import convert
 from services.queue.manager import Completion, QueueManager
 
@@ -132,37 +132,28 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             f"between 1 and {MAX_ENQUEUE_BATCH}",
         )
         problems.raise_if_any()
-        refused: dict[int, BlixardError] = {}
-        news = []
-        for i, one in enumerate(request.requests):
-            own = Problems()
-            _check_enqueue(one, own)
-            error = own.error()
-            if error is not None:  # this one alone is refused
-                refused[i] = error
-            else:
-                news.append(convert.new_item(one))
+        batch = check_each(request.requests, _check_enqueue)
+        news = [convert.new_item(one) for one in batch.valid]
         # Each job's own trace shows its enqueue: one span per item, under the trace
         # context it carries, for the transaction that enqueued them all.
-        spans = [
-            self._tracer.start_span(
-                "queue.enqueue",
-                context=telemetry.context_from(new.trace_context),
-                attributes={"blixard.job_id": new.job_id, "blixard.generation": new.generation},
-            )
-            for new in news
-        ]
-        try:
-            done = iter(self.manager.enqueue_many(news) if news else [])
-        finally:
-            for span in spans:
-                span.end()
+        with telemetry.span_per_item(
+            self._tracer,
+            "queue.enqueue",
+            (
+                (
+                    new.trace_context,
+                    {"blixard.job_id": new.job_id, "blixard.generation": new.generation},
+                )
+                for new in news
+            ),
+        ):
+            done = self.manager.enqueue_many(news) if news else []
         results = []
-        for i in range(len(request.requests)):
-            if i in refused:
-                results.append(pb.BatchEnqueueResult(error=convert.batch_error(refused[i])))
+        for answer in batch.merge(done):
+            if isinstance(answer, BlixardError):
+                results.append(pb.BatchEnqueueResult(error=convert.batch_error(answer)))
             else:
-                item, created = next(done)
+                item, created = answer
                 response = pb.EnqueueResponse(item=convert.item_message(item), created=created)
                 results.append(pb.BatchEnqueueResult(response=response))
         return pb.BatchEnqueueResponse(results=results)

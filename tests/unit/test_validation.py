@@ -69,3 +69,18 @@ def test_no_problems_raise_nothing() -> None:
     assert len(problems) == 0
     assert problems.error() is None
     problems.raise_if_any()
+
+
+def test_check_each_refuses_each_bad_request_alone_and_merge_keeps_the_order() -> None:
+    from services.common.validation import check_each
+
+    def positive(n: int, problems: Problems) -> None:
+        problems.check(n > 0, "n", "must be positive")
+
+    batch = check_each([3, -1, 5, 0], positive)
+
+    assert batch.valid == [3, 5] and sorted(batch.refused) == [1, 3]
+    merged = batch.merge(f"ok {n}" for n in batch.valid)
+    assert merged[0] == "ok 3" and merged[2] == "ok 5"
+    assert all(isinstance(merged[i], InvalidArgument) for i in (1, 3))
+    assert check_each([], positive).merge([]) == []
