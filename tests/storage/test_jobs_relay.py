@@ -72,6 +72,23 @@ def test_enqueues_go_in_one_batch_and_a_cancel_in_its_place(manager: JobManager)
     ]
 
 
+def test_a_cancel_waits_for_the_enqueues_before_it(manager: JobManager) -> None:
+    earlier, _ = manager.submit("r-earlier", SPEC, {})
+    queue = RecordingQueue()
+    delivery = QueueDelivery(manager.store, queue)  # type: ignore[arg-type]
+    store = manager.store
+    assert isinstance(store, JobStore)
+    store.outbox.delivered_many([m.id for m in due(manager)])  # an earlier round sent it
+    later, _ = manager.submit("r-later", SPEC, {})
+    manager.cancel(earlier.job_id, "not needed")
+    messages = due(manager)  # enqueue later, then cancel earlier
+
+    outcomes = delivery.many(messages)
+
+    assert outcomes == [None, None]
+    assert queue.calls == [("enqueue", [later.job_id]), ("cancel", [earlier.job_id])]
+
+
 def test_nothing_after_a_refused_job_is_sent(manager: JobManager) -> None:
     jobs = [manager.submit(f"r-{n}", SPEC, {})[0] for n in range(3)]
     manager.cancel(jobs[2].job_id, "not needed")

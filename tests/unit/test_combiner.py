@@ -132,3 +132,39 @@ def test_many_threads_each_get_exactly_their_own_answer() -> None:
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads)
     assert wrong == []
+
+
+def test_every_caller_of_a_failed_batch_gets_its_error() -> None:
+    gate = threading.Event()
+    first_running = threading.Event()
+
+    def run(requests: list[int]) -> list[int]:
+        if requests == [0]:
+            first_running.set()
+            gate.wait(10)
+            return requests
+        raise RuntimeError(f"store down for {sorted(requests)}")
+
+    combiner = Combiner(run)
+    outcomes: dict[int, object] = {}
+
+    def call(n: int) -> None:
+        try:
+            outcomes[n] = combiner.submit(n)
+        except RuntimeError as exc:
+            outcomes[n] = str(exc)
+
+    threads = [threading.Thread(target=call, args=(0,))]
+    threads[0].start()
+    assert first_running.wait(10)
+    threads += [threading.Thread(target=call, args=(n,)) for n in (1, 2)]
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(combiner._waiting) < 2 and time.monotonic() < deadline:  # both queued behind
+        time.sleep(0.01)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert outcomes == {0: 0, 1: "store down for [1, 2]", 2: "store down for [1, 2]"}
