@@ -419,22 +419,9 @@ def _columns(item: Item) -> dict[str, object]:
 
 
 def _transition_values(item: Item) -> list[Any]:
-    """The item's TRANSITION_FIELDS, in that order."""
+    """The item's TRANSITION_FIELDS, in that order, as stored."""
     return [
-        item.state.value,
-        item.run_at,
-        item.attempt,
-        item.lease_token,
-        item.lease_deadline,
-        item.lease_seconds,
-        item.worker_id,
-        item.version,
-        item.cancel_requested,
-        item.exit_code,
-        item.output_tail,
-        item.error,
-        item.report_seq,
-        item.updated_at,
+        item.state.value if name == "state" else getattr(item, name) for name in TRANSITION_FIELDS
     ]
 
 
