@@ -236,6 +236,7 @@ class QueueManager:
         ``caller_waiting`` says whether the worker still waits for the answer (its RPC is
         alive): a worker that died in a long poll must not be handed items it will never
         run, and leases made as it went are given back at once, the attempt not counted."""
+        args = _ClaimArgs(worker_id, worker_type, labels, max_items, lease_seconds, named_only)
         deadline = self.clock.monotonic() + wait_seconds
         while True:
             if not caller_waiting():
@@ -247,9 +248,7 @@ class QueueManager:
             if worker.state is WorkerState.DRAINING:
                 return []
             seen = self.feed.version
-            leases = self._claim_once(
-                worker_id, worker_type, labels, max_items, lease_seconds, named_only
-            )
+            leases = self._claim_once(args)
             if leases and not caller_waiting():
                 self._give_back(leases, "the claiming worker went away before the answer")
                 return []
@@ -259,42 +258,20 @@ class QueueManager:
             # Wake on a local enqueue; poll now and then for other replicas and run_at.
             self.feed.wait(seen, min(remaining, 0.5))
 
-    def _claim_once(
-        self,
-        worker_id: str,
-        worker_type: str,
-        labels: dict[str, str],
-        max_items: int,
-        lease_seconds: float,
-        named_only: bool = False,
-    ) -> list[Lease]:
+    def _claim_once(self, args: _ClaimArgs) -> list[Lease]:
         """Claim what the cache offers. When every item it offered had been taken by
         another replica meanwhile (conflicts, now refreshed), look again at once rather
-        than answer empty while items wait."""
+        than answer empty while items wait. Claims made at the same time share one store
+        transaction (group commit)."""
         for _ in range(8):
-            leases, conflicted = self._claim_attempt(
-                worker_id, worker_type, labels, max_items, lease_seconds, named_only
-            )
+            leases, conflicted = self._claims.submit(args)
             if leases or not conflicted:
                 return leases
         return []
 
-    def _claim_attempt(
-        self,
-        worker_id: str,
-        worker_type: str,
-        labels: dict[str, str],
-        max_items: int,
-        lease_seconds: float,
-        named_only: bool = False,
-    ) -> tuple[list[Lease], bool]:
-        """One try: (the leases, whether some offered items had been taken elsewhere).
-        Claims made at the same time share one store transaction (group commit)."""
-        return self._claims.submit(
-            _ClaimArgs(worker_id, worker_type, labels, max_items, lease_seconds, named_only)
-        )
-
     def _claim_batch(self, claims: list[_ClaimArgs]) -> list[tuple[list[Lease], bool]]:
+        """For each claim: (its leases, whether some items offered to it had been taken
+        elsewhere)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
         for c in claims:
