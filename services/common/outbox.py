@@ -198,11 +198,8 @@ class Relay:
     def _send(self, message: Message) -> bool:
         try:
             self.deliver(message)
-        except Transient as exc:
-            self._postpone(message, str(exc), logging.INFO)
-            return False
         except Exception as exc:
-            self._postpone(message, repr(exc), logging.ERROR)
+            self._failed(message, exc)
             return False
         self.outbox.delivered(message.id)
         return True
@@ -220,14 +217,19 @@ class Relay:
         for message, outcome in zip(messages, outcomes, strict=False):
             if outcome is not None:
                 self.outbox.delivered_many(delivered)
-                if isinstance(outcome, Transient):
-                    self._postpone(message, str(outcome), logging.INFO)
-                else:
-                    self._postpone(message, repr(outcome), logging.ERROR)
+                self._failed(message, outcome)
                 return False
             delivered.append(message.id)
         self.outbox.delivered_many(delivered)
         return True
+
+    def _failed(self, message: Message, error: Exception) -> None:
+        """The message waits: a receiver out of reach (Transient) is routine, any other
+        failure is logged as an error."""
+        if isinstance(error, Transient):
+            self._postpone(message, str(error), logging.INFO)
+        else:
+            self._postpone(message, repr(error), logging.ERROR)
 
     def _postpone(self, message: Message, error: str, level: int) -> None:
         delay = backoff(message.attempts)
