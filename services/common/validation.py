@@ -77,7 +77,14 @@ class BatchCheck(Generic[T]):
         return [self.refused[i] if i in self.refused else next(given) for i in range(self.size)]
 
 
-def check_each(requests: Sequence[T], check: Callable[[T, Problems], None]) -> BatchCheck[T]:
+def check_each(
+    requests: Sequence[T], check: Callable[[T, Problems], None], *, at_most: int
+) -> BatchCheck[T]:
+    """A batch of 1 to ``at_most`` requests (else the whole call is INVALID_ARGUMENT),
+    each checked on its own."""
+    batch_size = Problems()
+    batch_size.check(0 < len(requests) <= at_most, "requests", f"between 1 and {at_most}")
+    batch_size.raise_if_any()
     valid: list[T] = []
     refused: dict[int, InvalidArgument] = {}
     for i, request in enumerate(requests):

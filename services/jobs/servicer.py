@@ -173,15 +173,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def BatchUpdateJobStatus(
         self, request: pb.BatchUpdateJobStatusRequest, context: grpc.ServicerContext
     ) -> pb.BatchUpdateJobStatusResponse:
-        problems = Problems()
-        problems.check(
-            0 < len(request.requests) <= MAX_STATUS_BATCH,
-            "requests",
-            f"between 1 and {MAX_STATUS_BATCH}",
-        )
-        problems.raise_if_any()
         now = self.manager.clock.now()
-        batch = check_each(request.requests, _check_update)
+        batch = check_each(request.requests, _check_update, at_most=MAX_STATUS_BATCH)
         applied = self.manager.update_status_many(
             [convert.status_update(one, now) for one in batch.valid]
         )

@@ -125,14 +125,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
     def BatchEnqueue(
         self, request: pb.BatchEnqueueRequest, context: grpc.ServicerContext
     ) -> pb.BatchEnqueueResponse:
-        problems = Problems()
-        problems.check(
-            0 < len(request.requests) <= MAX_ENQUEUE_BATCH,
-            "requests",
-            f"between 1 and {MAX_ENQUEUE_BATCH}",
-        )
-        problems.raise_if_any()
-        batch = check_each(request.requests, _check_enqueue)
+        batch = check_each(request.requests, _check_enqueue, at_most=MAX_ENQUEUE_BATCH)
         news = [convert.new_item(one) for one in batch.valid]
         # Each job's own trace shows its enqueue: one span per item, under the trace
         # context it carries, for the transaction that enqueued them all.

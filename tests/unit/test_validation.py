@@ -77,10 +77,13 @@ def test_check_each_refuses_each_bad_request_alone_and_merge_keeps_the_order() -
     def positive(n: int, problems: Problems) -> None:
         problems.check(n > 0, "n", "must be positive")
 
-    batch = check_each([3, -1, 5, 0], positive)
+    batch = check_each([3, -1, 5, 0], positive, at_most=4)
 
     assert batch.valid == [3, 5] and sorted(batch.refused) == [1, 3]
     merged = batch.merge(f"ok {n}" for n in batch.valid)
     assert merged[0] == "ok 3" and merged[2] == "ok 5"
     assert all(isinstance(merged[i], InvalidArgument) for i in (1, 3))
-    assert check_each([], positive).merge([]) == []
+    with pytest.raises(InvalidArgument, match="requests: between 1 and 3"):
+        check_each([1, 2, 3, 4], positive, at_most=3)
+    with pytest.raises(InvalidArgument, match="requests: between 1 and 3"):
+        check_each([], positive, at_most=3)
