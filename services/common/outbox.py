@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Engine,
     Integer,
@@ -77,11 +78,12 @@ class SqlOutbox:
         self._insert = BulkWrite(engine, table, list(_COLUMNS))
 
     def add_many(
-        self, session: Session, messages: list[tuple[str, str, dict[str, Any], datetime]]
+        self, connection: Connection, messages: list[tuple[str, str, dict[str, Any], datetime]]
     ) -> None:
-        """Several messages in one statement: (topic, key, payload, now) each."""
+        """Several messages in one statement, on the writer's connection: (topic, key,
+        payload, now) each."""
         rows = [[t, k, json.dumps(p), now, now, 0, ""] for t, k, p, now in messages]
-        self._insert.run(session.connection(), rows)
+        self._insert.run(connection, rows)
 
     def add(
         self, session: Session, topic: str, key: str, payload: dict[str, Any], now: datetime

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import sessionmaker
 
 from services.common.clock import to_utc
 from services.common.db import BulkWrite, has_tag, join_tags, reader, split_tags, write_lock
@@ -25,6 +26,7 @@ from services.queue.models import ItemRow, OutboxRow, WorkerRow
 Fault = Callable[[str], None]
 ITEMS = cast(Table, ItemRow.__table__)
 ITEM_COLUMNS = list(ITEMS.c)
+WORKERS = cast(Table, WorkerRow.__table__)
 
 
 # What a state transition (lease, heartbeat, complete, fail, release, cancel, expire,
@@ -74,8 +76,13 @@ def no_faults(point: str) -> None:
 
 
 class Transaction:
-    def __init__(self, session: Session, outbox: SqlOutbox, fault: Fault, writes: _Writes) -> None:
-        self.session = session
+    """One store transaction on a SQLAlchemy Core connection (no ORM session: its unit of
+    work and identity map cost more per transaction than the queue's whole write)."""
+
+    def __init__(
+        self, connection: Connection, outbox: SqlOutbox, fault: Fault, writes: _Writes
+    ) -> None:
+        self.connection = connection
         self._outbox = outbox
         self._fault = fault
         self._writes = writes
@@ -83,11 +90,11 @@ class Transaction:
 
     def get_many(self, job_ids: list[str]) -> dict[str, Item]:
         """The items, locked for this transaction, by job id (missing ones absent)."""
-        rows = self.session.connection().execute(_GET_MANY, {"keys": job_ids})
+        rows = self.connection.execute(_GET_MANY, {"keys": job_ids})
         return {row.job_id: _item(row) for row in rows}
 
     def by_tokens(self, tokens: list[str]) -> dict[str, Item]:
-        rows = self.session.connection().execute(_BY_TOKENS, {"keys": tokens})
+        rows = self.connection.execute(_BY_TOKENS, {"keys": tokens})
         return {row.lease_token: _item(row) for row in rows}
 
     def save_many(self, changes: list[tuple[Item, int]]) -> None:
@@ -115,46 +122,43 @@ class Transaction:
             row.append(item.job_id)
             row.append(expected)
             rows.append(row)
-        changed = statement.run(self.session.connection(), rows)
+        changed = statement.run(self.connection, rows)
         if changed not in (len(rows), -1):
             raise Aborted("items were changed concurrently", reason="CONFLICT")
 
     def report_many(self, reports: list[Report]) -> None:
         self.reported = self.reported or bool(reports)
         self._outbox.add_many(
-            self.session, [("status", r.job_id, _payload(r), r.at) for r in reports]
+            self.connection, [("status", r.job_id, _payload(r), r.at) for r in reports]
         )
 
     # ---- items ------------------------------------------------------------------------
 
     def get(self, job_id: str, *, for_update: bool = False) -> Item | None:
-        query = select(ItemRow).where(ItemRow.job_id == job_id)
+        query = select(*ITEM_COLUMNS).where(ITEMS.c.job_id == job_id)
         if for_update:
             query = query.with_for_update()
-        row = self.session.scalars(query).first()
+        row = self.connection.execute(query).first()
         return _item(row) if row else None
 
     def by_token(self, token: str) -> Item | None:
-        row = self.session.scalars(
-            select(ItemRow).where(ItemRow.lease_token == token).with_for_update()
-        ).first()
-        return _item(row) if row else None
+        return self.by_tokens([token]).get(token)
 
     def insert_many(self, items: list[Item]) -> None:
         if items:
             self._fault("before_write")
-            self.session.execute(insert(ITEMS), [_columns(item) for item in items])
+            self.connection.execute(insert(ITEMS), [_columns(item) for item in items])
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""
         self._fault("before_write")
         item.version = expected_version + 1
-        result = self.session.execute(
-            update(ItemRow)
-            .where(ItemRow.job_id == item.job_id, ItemRow.version == expected_version)
+        result = self.connection.execute(
+            update(ITEMS)
+            .where(ITEMS.c.job_id == item.job_id, ITEMS.c.version == expected_version)
             .values(**_columns(item))
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if result.rowcount != 1:
             raise Aborted(
                 f"item {item.job_id} was changed concurrently",
                 reason="CONFLICT",
@@ -162,70 +166,76 @@ class Transaction:
             )
 
     def available(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
+        c = ITEMS.c
         query = (
-            select(ItemRow)
+            select(*ITEM_COLUMNS)
             .where(
-                ItemRow.state == ItemState.WAITING.value,
-                ItemRow.run_at <= now,
-                has_tag(ItemRow.worker_types, worker_type),
+                c.state == ItemState.WAITING.value,
+                c.run_at <= now,
+                has_tag(c.worker_types, worker_type),
             )
-            .order_by(ItemRow.priority.desc(), ItemRow.seq, ItemRow.job_id)
+            .order_by(c.priority.desc(), c.seq, c.job_id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        return [_item(row) for row in self.session.scalars(query)]
+        return [_item(row) for row in self.connection.execute(query)]
 
     def expired(self, now: datetime, limit: int) -> list[Item]:
+        c = ITEMS.c
         query = (
-            select(ItemRow)
-            .where(ItemRow.state == ItemState.LEASED.value, ItemRow.lease_deadline < now)
-            .order_by(ItemRow.lease_deadline)
+            select(*ITEM_COLUMNS)
+            .where(c.state == ItemState.LEASED.value, c.lease_deadline < now)
+            .order_by(c.lease_deadline)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        return [_item(row) for row in self.session.scalars(query)]
+        return [_item(row) for row in self.connection.execute(query)]
 
     def leased_by(self, worker_id: str) -> list[Item]:
         query = (
-            select(ItemRow)
-            .where(ItemRow.worker_id == worker_id, ItemRow.state == ItemState.LEASED.value)
+            select(*ITEM_COLUMNS)
+            .where(ITEMS.c.worker_id == worker_id, ITEMS.c.state == ItemState.LEASED.value)
             .with_for_update()
         )
-        return [_item(row) for row in self.session.scalars(query)]
+        return [_item(row) for row in self.connection.execute(query)]
 
     def report(self, report: Report) -> None:
-        self.reported = True
-        self._outbox.add(self.session, "status", report.job_id, _payload(report), report.at)
+        self.report_many([report])
 
     # ---- workers ----------------------------------------------------------------------
 
     def worker(self, worker_id: str) -> Worker | None:
-        row = self.session.get(WorkerRow, worker_id, with_for_update=True)
+        query = select(WORKERS).where(WORKERS.c.worker_id == worker_id).with_for_update()
+        row = self.connection.execute(query).first()
         return _worker(row) if row else None
 
     def put_worker(self, worker: Worker) -> None:
-        self.session.merge(
-            WorkerRow(
-                worker_id=worker.worker_id,
-                worker_type=worker.worker_type,
-                labels=json.dumps(worker.labels),
-                slots=worker.slots,
-                state=worker.state.value,
-                last_seen=worker.last_seen,
-            )
+        """Insert or update the worker (one upsert statement on either database)."""
+        values = dict(
+            worker_id=worker.worker_id,
+            worker_type=worker.worker_type,
+            labels=json.dumps(worker.labels),
+            slots=worker.slots,
+            state=worker.state.value,
+            last_seen=worker.last_seen,
+        )
+        dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(WORKERS).values(**values)
+        changed = {k: v for k, v in values.items() if k != "worker_id"}
+        self.connection.execute(
+            statement.on_conflict_do_update(index_elements=["worker_id"], set_=changed)
         )
 
     def silent_workers(self, cutoff: datetime) -> list[Worker]:
-        query = select(WorkerRow).where(
-            WorkerRow.state != WorkerState.OFFLINE.value, WorkerRow.last_seen < cutoff
+        query = select(WORKERS).where(
+            WORKERS.c.state != WorkerState.OFFLINE.value, WORKERS.c.last_seen < cutoff
         )
-        return [_worker(row) for row in self.session.scalars(query)]
+        return [_worker(row) for row in self.connection.execute(query)]
 
 
 class QueueStore:
     def __init__(self, engine: Engine, fault: Fault = no_faults) -> None:
         self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._reads = sessionmaker(reader(engine), expire_on_commit=False)
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
@@ -241,11 +251,10 @@ class QueueStore:
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        with self._write_lock, self._sessions.begin() as session:
-            tx = Transaction(session, self.outbox, self.fault, self._writes)
+        with self._write_lock, self.engine.begin() as connection:
+            tx = Transaction(connection, self.outbox, self.fault, self._writes)
             yield tx
             self.fault("after_write")
-            session.flush()
             self.fault("commit")
         if tx.reported:
             self.reports.changed()
@@ -466,7 +475,7 @@ def _item(row: Any) -> Item:
     )
 
 
-def _worker(row: WorkerRow) -> Worker:
+def _worker(row: Any) -> Worker:
     return Worker(
         row.worker_id,
         row.worker_type,

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy.orm import Session
 
 from services.common import db, migrations
 from services.common.clock import Clock
@@ -23,8 +22,8 @@ def outbox(database_url: str) -> SqlOutbox:
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     outbox = SqlOutbox(engine, OutboxRow)
     now = Clock().now() - timedelta(seconds=1)
-    with Session(engine) as session, session.begin():
-        outbox.add_many(session, [("status", f"j-{n}", {"n": n}, now) for n in range(5)])
+    with engine.begin() as connection:
+        outbox.add_many(connection, [("status", f"j-{n}", {"n": n}, now) for n in range(5)])
     return outbox
 
 
