@@ -163,10 +163,18 @@ class BulkWrite:
         """Write the rows (lists, converted in place); the number of rows changed."""
         if not rows:
             return 0
-        for row in rows:
-            for i in self._dates:
-                if row[i] is not None:
-                    row[i] = _sqlite_datetime(row[i])
+        if self._dates:
+            # The rows of a batch share most of their datetimes (its "now", one lease
+            # deadline): each distinct value is converted once.
+            converted: dict[datetime, str] = {}
+            for row in rows:
+                for i in self._dates:
+                    value = row[i]
+                    if value is not None:
+                        text = converted.get(value)
+                        if text is None:
+                            text = converted[value] = _sqlite_datetime(value)
+                        row[i] = text
         result = connection.exec_driver_sql(self.sql, [tuple(row) for row in rows])
         return int(result.rowcount)
 

@@ -54,7 +54,7 @@ class RetryPolicy:
     cap_seconds: float = 300.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     job_id: str
     generation: int
@@ -87,7 +87,7 @@ class Item:
         return all(worker_labels.get(k) == v for k, v in self.labels.items())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Report:
     """An item transition for the jobs service, in the jobs contract's terms."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
@@ -392,8 +392,11 @@ class QueueStore:
             ]
 
 
+_REPORT_FIELDS = tuple(f.name for f in fields(Report))
+
+
 def _payload(report: Report) -> dict[str, object]:
-    payload = dict(report.__dict__)  # flat fields: no deep copy needed
+    payload = {name: getattr(report, name) for name in _REPORT_FIELDS}  # flat: no deep copy
     payload["at"] = report.at.isoformat()
     return payload
 
