@@ -47,12 +47,14 @@ def outcome(value: int) -> Outcome | None:
     return _OUTCOMES.get(value)  # type: ignore[call-overload, no-any-return]
 
 
+_ITEM_STATE_VALUES = {state: value for value, state in _ITEM_STATES.items()}
+
+
 def item_message(item: Item) -> pb.WorkItem:
     message = pb.WorkItem(
         job_id=item.job_id,
         generation=item.generation,
-        spec=job_spec_pb2.JobSpec.FromString(item.spec),
-        state=pb.ItemState.Value(f"ITEM_STATE_{item.state.value}"),
+        state=_ITEM_STATE_VALUES[item.state],
         attempt=item.attempt,
         max_attempts=item.max_attempts,
         run_at=pbtime.timestamp(item.run_at),
@@ -63,6 +65,7 @@ def item_message(item: Item) -> pb.WorkItem:
         error=item.error,
         trace_context=item.trace_context,
     )
+    message.spec.MergeFromString(item.spec)  # parsed in place: no copy of a parsed spec
     if item.exit_code is not None:
         message.exit_code = item.exit_code
     return message
