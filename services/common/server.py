@@ -15,9 +15,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services.common import telemetry
+from services.common import reflection, telemetry
 from services.common.auth import AuthInterceptor, Policy
 from services.common.config import Tokens
 from services.common.errors import ErrorInterceptor
@@ -99,9 +98,7 @@ def create_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable([*names, health.SERVICE_NAME], server)
     check_bindable(address, setting)
     try:
         port = server.add_insecure_port(address)

@@ -6,6 +6,7 @@ import threading
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -93,6 +94,37 @@ def test_reflection_describes_the_service_methods(stack: Stack) -> None:
 
     assert response.WhichOneof("message_response") == "file_descriptor_response"
     assert response.file_descriptor_response.file_descriptor_proto
+
+
+@pytest.mark.parametrize("symbol", [f"{QUEUE}.Claim", f"{QUEUE}", "blixard.queue.v1.ClaimRequest"])
+def test_reflection_finds_the_file_of_a_method_service_or_message(
+    stack: Stack, symbol: str
+) -> None:
+    """What ``grpcurl describe <symbol>`` asks for (a method too: grpc/grpc#34743)."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(stack.channel(stack.queue_target))
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+
+    [response] = list(stub.ServerReflectionInfo(iter([request]), timeout=RPC_TIMEOUT))
+
+    assert response.WhichOneof("message_response") == "file_descriptor_response"
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
+    queue_file = next(f for f in files if f.package == "blixard.queue.v1")
+    service = next(s for s in queue_file.service if s.name == "QueueService")
+    assert "Claim" in {m.name for m in service.method}
+
+
+@pytest.mark.parametrize("symbol", [f"{QUEUE}.NoSuchMethod", "blixard.queue.v1.Nothing.Claim"])
+def test_reflection_says_not_found_for_an_unknown_symbol(stack: Stack, symbol: str) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(stack.channel(stack.queue_target))
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+
+    [response] = list(stub.ServerReflectionInfo(iter([request]), timeout=RPC_TIMEOUT))
+
+    assert response.WhichOneof("message_response") == "error_response"
+    assert response.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def _start_alone(make_stack, service: str) -> tuple[Stack, Running]:  # type: ignore[no-untyped-def]
