@@ -274,19 +274,27 @@ class QueueManager:
         elsewhere)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
-        for c in claims:
-            staged = self.cache.stage_claim(
-                c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
-            )
-            if not staged:
-                # Nothing here: pick up what another replica enqueued, then look again.
-                self.cache.load(
-                    self.store.waiting(c.worker_type, now, max(4 * c.max_items, 64), c.named_only)
-                )
+        try:
+            for c in claims:
                 staged = self.cache.stage_claim(
                     c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
                 )
-            staged_by_claim.append(staged)
+                if not staged:
+                    # Nothing here: pick up what another replica enqueued, then look again.
+                    waiting = self.store.waiting(
+                        c.worker_type, now, max(4 * c.max_items, 64), c.named_only
+                    )
+                    self.cache.load(waiting)
+                    staged = self.cache.stage_claim(
+                        c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
+                    )
+                staged_by_claim.append(staged)
+        except BaseException:
+            # A later claim's read failed: what the earlier ones took goes back.
+            for staged in staged_by_claim:
+                for entry in staged:
+                    self.cache.rollback(entry)
+            raise
         every = [entry for staged in staged_by_claim for entry in staged]
         if not every:
             return [([], False) for _ in claims]

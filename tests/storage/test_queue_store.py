@@ -11,7 +11,7 @@ import pytest
 
 from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
-from services.queue.manager import NewItem, QueueManager
+from services.queue.manager import NewItem, QueueManager, _ClaimArgs
 from tests.storage.queue_support import SteppedClock, make_manager, new
 
 
@@ -201,6 +201,34 @@ def test_concurrent_claimers_take_each_item_once(manager: QueueManager) -> None:
     for thread in threads:
         thread.join()
     assert len(claimed) == 200 and set(claimed.values()) == {1}
+
+
+def test_a_failed_read_in_a_shared_claim_batch_puts_every_staged_item_back(
+    manager: QueueManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two claims share one group commit; the first stages items, the second finds none
+    for its worker type and reads the store, which fails: nothing may stay taken."""
+    manager.enqueue_many([new(f"j-{i}") for i in range(3)])
+
+    def unreadable(*args: object, **kwargs: object) -> list[object]:
+        raise RuntimeError("the store cannot be read")
+
+    monkeypatch.setattr(manager.store, "waiting", unreadable)
+    together = [
+        _ClaimArgs("w-1", "process", {}, 2, 30.0, False),
+        _ClaimArgs("w-2", "vm", {}, 1, 30.0, True),  # only items naming "vm": none here
+    ]
+    with pytest.raises(RuntimeError):
+        manager._claim_batch(together)
+    monkeypatch.undo()
+
+    assert manager.cache.staged_count() == 0
+    assert manager.cache.claimable() == {"j-0", "j-1", "j-2"}
+    assert sorted(lease.item.job_id for lease in manager.claim("w-3", "process", {}, 5, 30)) == [
+        "j-0",
+        "j-1",
+        "j-2",
+    ]
 
 
 def test_two_replicas_on_one_postgres_never_double_lease(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
