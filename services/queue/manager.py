@@ -121,16 +121,18 @@ class QueueManager:
         items it wrote. If it failed, the items it may have touched are read back from
         the store (a failure after the database committed must not leave a ghost)."""
         for attempt in range(attempts):
+            written: list[str] = []
             try:
                 with self.store.transaction() as tx:
+                    written = tx.written
                     result = work(tx)
             except Aborted:
-                self.refresh(job_ids)
+                self.refresh([*job_ids, *written])
                 if attempt == attempts - 1:
                     raise
                 continue
             except BaseException:
-                self.refresh(job_ids)
+                self.refresh([*job_ids, *written])
                 raise
             for item in touched(result):
                 self.cache.apply(item)

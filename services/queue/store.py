@@ -72,7 +72,8 @@ class _Writes:
 
 
 def no_faults(point: str) -> None:
-    """Tests inject store failures at "before_write", "after_write" and "commit"."""
+    """Tests inject store failures at "before_write", "after_write", "commit" (all
+    before the database commits) and "after_commit"."""
 
 
 class Transaction:
@@ -87,6 +88,9 @@ class Transaction:
         self._fault = fault
         self._writes = writes
         self.reported = False  # a report was written: the relay has work once this commits
+        # The job ids of every item written: if the transaction fails, perhaps after the
+        # database committed, the cache reads these back from the store.
+        self.written: list[str] = []
 
     def get_many(self, job_ids: list[str]) -> dict[str, Item]:
         """The items, locked for this transaction, by job id (missing ones absent)."""
@@ -115,6 +119,7 @@ class Transaction:
         if not changes:
             return
         self._fault("before_write")
+        self.written.extend(item.job_id for item, _ in changes)
         rows = []
         for item, expected in changes:
             item.version = expected + 1
@@ -147,11 +152,13 @@ class Transaction:
     def insert_many(self, items: list[Item]) -> None:
         if items:
             self._fault("before_write")
+            self.written.extend(item.job_id for item in items)
             self.connection.execute(insert(ITEMS), [_columns(item) for item in items])
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""
         self._fault("before_write")
+        self.written.append(item.job_id)
         item.version = expected_version + 1
         result = self.connection.execute(
             update(ITEMS)
@@ -258,6 +265,9 @@ class QueueStore:
             self.fault("commit")
         if tx.reported:
             self.reports.changed()
+        # Committed, yet the caller may still see an error (a connection lost as the
+        # database answered the COMMIT): tests fail here too.
+        self.fault("after_commit")
 
     def live_items(self, batch: int = 10_000) -> Iterator[Item]:
         """Every waiting or leased item, in pages (to fill the cache at start-up)."""

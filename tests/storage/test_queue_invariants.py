@@ -21,7 +21,9 @@ from services.queue.domain import ItemState, Outcome
 from services.queue.manager import Completion, QueueManager
 from tests.storage.queue_support import SteppedClock, make_manager, new
 
-FAULT_POINTS = ("before_write", "after_write", "commit")
+# Before the database commits (the step must change nothing), and after it committed
+# (the step's change stands, yet its caller sees an error: the cache must not lie).
+FAULT_POINTS = ("before_write", "after_write", "commit", "after_commit")
 
 
 class InjectedFault(Exception):
@@ -46,6 +48,14 @@ def store_snapshot(manager: QueueManager) -> dict[str, tuple[str, int, str | Non
             text("SELECT job_id, state, version, lease_token, attempt FROM items")
         ).all()
     return {r.job_id: (r.state, r.version, r.lease_token, r.attempt) for r in rows}
+
+
+def reports(manager: QueueManager) -> list[tuple[object, ...]]:
+    """The outbox: the reports a step owes the jobs service besides its item writes. (A
+    claim's record that its worker was seen is its own transaction, made before.)"""
+    with manager.store.engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, key, payload FROM outbox ORDER BY id"))
+        return [tuple(r) for r in rows]
 
 
 def live_view_of_store(manager: QueueManager) -> dict[str, tuple[ItemState, int]]:
@@ -79,16 +89,21 @@ class QueueMachine(RuleBasedStateMachine):
         """Run one operation, with a failure at ``fault``; a failed step must change
         nothing observable: neither the store nor the cache's committed view."""
         before_store = store_snapshot(self.manager)
+        before_reports = reports(self.manager)
         before_view = self.manager.cache.view()
         self.faults.armed = fault
         try:
             result = operation()
-        except InjectedFault:
-            assert store_snapshot(self.manager) == before_store
-            assert self.manager.cache.view() == before_view
+        except InjectedFault as failed:
+            if failed.args[0] != "after_commit":  # else it committed: the invariants judge
+                assert store_snapshot(self.manager) == before_store
+                assert reports(self.manager) == before_reports
+                assert self.manager.cache.view() == before_view
             return None
         except BlixardError:
             assert store_snapshot(self.manager) == before_store
+            assert reports(self.manager) == before_reports
+            assert self.manager.cache.view() == before_view
             return None
         finally:
             self.faults.armed = None
@@ -107,7 +122,8 @@ class QueueMachine(RuleBasedStateMachine):
         item = self.manager.store.get(job_id)
         assert item is not None
         bump = data.draw(st.sampled_from((0, 1)))  # the same generation, or a RetryJob
-        self._attempt(lambda: self.manager.enqueue(new(job_id, 0, item.generation + bump)), fault)
+        again = new(job_id, generation=item.generation + bump)
+        self._attempt(lambda: self.manager.enqueue(again), fault)
 
     @rule(max_items=st.integers(1, 4), fault=st.sampled_from((None, *FAULT_POINTS)))
     def claim(self, max_items: int, fault: str | None) -> None:
