@@ -99,6 +99,7 @@ def worker_message(worker: Worker) -> pb.Worker:
         slots=worker.slots,
         state=pb.WorkerState.Value(f"WORKER_STATE_{worker.state.value}"),
         last_seen_time=pbtime.timestamp(worker.last_seen),
+        drained=worker.drained,
     )
 
 

@@ -45,6 +45,24 @@ class Worker:
     slots: int
     state: WorkerState
     last_seen: datetime
+    # DrainWorker was called: no new claims, even after it went silent and came back,
+    # until the worker registers again (a restart).
+    drained: bool = False
+
+    def seen(self, now: datetime) -> None:
+        """Heard from (a claim, a heartbeat): back from OFFLINE, as drained as it was."""
+        self.last_seen = now
+        if self.state is WorkerState.OFFLINE:
+            self.state = WorkerState.DRAINING if self.drained else WorkerState.ONLINE
+
+    def drain(self) -> None:
+        self.drained = True
+        if self.state is WorkerState.ONLINE:
+            self.state = WorkerState.DRAINING
+
+    @property
+    def may_claim(self) -> bool:
+        return not self.drained
 
 
 @dataclass(frozen=True)

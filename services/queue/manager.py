@@ -247,7 +247,7 @@ class QueueManager:
             # at most every worker_timeout/4), so the reaper never takes it for silent and
             # releases a lease it has just been given. A drain ends the wait.
             worker = self._touch_worker(worker_id, worker_type, labels)
-            if worker.state is WorkerState.DRAINING:
+            if not worker.may_claim:
                 return []
             seen = self.feed.version
             leases = self._claim_once(args)
@@ -301,12 +301,18 @@ class QueueManager:
         if not every:
             return [([], False) for _ in claims]
         leased: dict[str, Item] = {}
+        refused: set[str] = set()
         try:
             with self.store.transaction() as tx:
+                # A drain made through another replica: this one's memory of the worker
+                # may be older, the store's is not.
+                refused = tx.drained_workers(sorted({c.worker_id for c in claims}))
                 current = tx.get_many([entry.job_id for entry in every])
                 changes: list[tuple[Item, int]] = []
                 reports = []
                 for c, staged in zip(claims, staged_by_claim, strict=True):
+                    if c.worker_id in refused:
+                        continue
                     for entry in staged:
                         item = current.get(entry.job_id)
                         if item is None or item.version != entry.version:
@@ -322,16 +328,23 @@ class QueueManager:
             self.refresh([entry.job_id for entry in every])
             raise
         conflicts = []
-        for entry in every:
-            item = leased.get(entry.job_id)
-            if item is None:
+        for c, staged in zip(claims, staged_by_claim, strict=True):
+            for entry in staged:
+                item = leased.get(entry.job_id)
+                if item is not None:
+                    self.cache.commit(entry, item)
+                    continue
                 self.cache.rollback(entry)
-                conflicts.append(entry.job_id)
-            else:
-                self.cache.commit(entry, item)
+                if c.worker_id not in refused:
+                    conflicts.append(entry.job_id)
         self.refresh(conflicts)
-        results = []
-        for staged in staged_by_claim:
+        for worker_id in refused:
+            self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
+        results: list[tuple[list[Lease], bool]] = []
+        for c, staged in zip(claims, staged_by_claim, strict=True):
+            if c.worker_id in refused:
+                results.append(([], False))
+                continue
             leases = []
             for entry in staged:
                 item = leased.get(entry.job_id)
@@ -362,9 +375,7 @@ class QueueManager:
             if worker is None:
                 worker = Worker(worker_id, worker_type, dict(labels), 0, WorkerState.ONLINE, now)
             else:
-                worker.last_seen = now
-                if worker.state is WorkerState.OFFLINE:
-                    worker.state = WorkerState.ONLINE
+                worker.seen(now)
             tx.put_worker(worker)
             return worker
 
@@ -381,9 +392,7 @@ class QueueManager:
             tx.save(item, version)
             worker = tx.worker(item.worker_id)
             if worker is not None:
-                worker.last_seen = now
-                if worker.state is WorkerState.OFFLINE:
-                    worker.state = WorkerState.ONLINE
+                worker.seen(now)
                 tx.put_worker(worker)
             return item
 
@@ -538,7 +547,7 @@ class QueueManager:
             worker = tx.worker(worker_id)
             if worker is None:
                 raise NotFound("worker", worker_id)
-            worker.state = WorkerState.DRAINING
+            worker.drain()
             tx.put_worker(worker)
             return worker
 

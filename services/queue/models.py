@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 from services.common.outbox import OutboxMixin
 
@@ -69,6 +70,7 @@ class WorkerRow(Base):
     slots: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    drained: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class OutboxRow(OutboxMixin, Base):

@@ -56,6 +56,9 @@ _GET_MANY = (
     .where(ITEMS.c.job_id.in_(bindparam("keys", expanding=True)))
     .with_for_update()
 )
+_DRAINED = select(WORKERS.c.worker_id).where(
+    WORKERS.c.worker_id.in_(bindparam("keys", expanding=True)), WORKERS.c.drained
+)
 _BY_TOKENS = (
     select(*ITEM_COLUMNS)
     .where(ITEMS.c.lease_token.in_(bindparam("keys", expanding=True)))
@@ -96,6 +99,10 @@ class Transaction:
         """The items, locked for this transaction, by job id (missing ones absent)."""
         rows = self.connection.execute(_GET_MANY, {"keys": job_ids})
         return {row.job_id: _item(row) for row in rows}
+
+    def drained_workers(self, worker_ids: list[str]) -> set[str]:
+        """Which of these workers are drained (may claim nothing)."""
+        return set(self.connection.scalars(_DRAINED, {"keys": worker_ids}))
 
     def by_tokens(self, tokens: list[str]) -> dict[str, Item]:
         rows = self.connection.execute(_BY_TOKENS, {"keys": tokens})
@@ -225,6 +232,7 @@ class Transaction:
             slots=worker.slots,
             state=worker.state.value,
             last_seen=worker.last_seen,
+            drained=worker.drained,
         )
         dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(WORKERS).values(**values)
@@ -496,4 +504,5 @@ def _worker(row: Any) -> Worker:
         row.slots,
         WorkerState(row.state),
         to_utc(row.last_seen),
+        row.drained,
     )

@@ -188,3 +188,31 @@ def test_batch_enqueue_enqueues_each_once_and_refuses_the_bad_ones_alone(
     with pytest.raises(grpc.RpcError) as caught:
         stub.BatchEnqueue(qpb.BatchEnqueueRequest(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_drained_worker_gets_no_new_claims_until_it_registers_again(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stub = make_stack().start_pair().queue_stub()
+    stub.RegisterWorker(
+        qpb.RegisterWorkerRequest(worker_id="w-api", worker_type="process", slots=2), timeout=10
+    )
+    enqueue(stub, "job-1")
+
+    drained = stub.DrainWorker(qpb.DrainWorkerRequest(worker_id="w-api"), timeout=10).worker
+
+    assert (drained.state, drained.drained) == (qpb.WORKER_STATE_DRAINING, True)
+    assert claim(stub, 1) == []
+    [listed] = stub.ListWorkers(qpb.ListWorkersRequest(), timeout=10).workers
+    assert (listed.worker_id, listed.state, listed.drained) == (
+        "w-api",
+        qpb.WORKER_STATE_DRAINING,
+        True,
+    )
+    stub.RegisterWorker(
+        qpb.RegisterWorkerRequest(worker_id="w-api", worker_type="process", slots=2), timeout=10
+    )
+    assert [lease.item.job_id for lease in claim(stub, 1)] == ["job-1"]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.DrainWorker(qpb.DrainWorkerRequest(worker_id="nobody"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -13,6 +13,7 @@ from services.queue.bootstrap import MIGRATIONS
 from services.queue.store import QueueStore
 
 FIRST = "ee5e85f3fdd7"  # 0001: specs stored as JSON text
+SPEC_AS_PROTOBUF = "7c1f0e2a9b34"  # 0002
 SPEC = job_spec_pb2.JobSpec(command=["sh", "-c", "echo hi"], env={"A": "1"}, priority=7)
 SPEC.requirements.worker_types.append("process")
 
@@ -71,3 +72,25 @@ def test_the_upgrade_can_be_undone_without_losing_a_spec(database_url: str) -> N
     with engine.connect() as connection:
         stored = connection.execute(text("SELECT spec_json FROM items")).scalar_one()
     assert json_format.Parse(stored, job_spec_pb2.JobSpec()) == SPEC
+
+
+def test_a_worker_draining_before_the_upgrade_stays_drained(database_url: str) -> None:
+    engine = db.make_engine(database_url, setting="QUEUE_DATABASE_URL")
+    alembic(engine, "upgrade", SPEC_AS_PROTOBUF)
+    with engine.begin() as connection:
+        for worker_id, state in (("w-drain", "DRAINING"), ("w-up", "ONLINE")):
+            connection.execute(
+                text(
+                    "INSERT INTO workers (worker_id, worker_type, labels, slots, state,"
+                    " last_seen) VALUES (:id, 'process', '{}', 1, :state, '2026-11-01 00:00:00')"
+                ),
+                {"id": worker_id, "state": state},
+            )
+
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+
+    drained = {w.worker_id: w.drained for w in QueueStore(engine).workers()}
+    assert drained == {"w-drain": True, "w-up": False}
+    alembic(engine, "downgrade", SPEC_AS_PROTOBUF)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM workers")).scalar_one() == 2

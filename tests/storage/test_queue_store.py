@@ -95,6 +95,42 @@ def test_a_silent_workers_leases_are_released_at_once(database_url: str) -> None
     assert again.item.attempt == 2
 
 
+def test_a_drained_worker_that_went_offline_comes_back_drained(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock, worker_timeout=30)
+    manager.register_worker("w-1", "process", {}, 1)
+    manager.drain_worker("w-1")
+    clock.offset = 31
+    manager.reap()
+    assert [(w.state.name, w.drained) for w in manager.workers()] == [("OFFLINE", True)]
+    manager.enqueue(new("j-1"))
+
+    assert manager.claim("w-1", "process", {}, 1, 30) == []  # heard from again: no work
+
+    assert [(w.state.name, w.drained) for w in manager.workers()] == [("DRAINING", True)]
+    assert manager.get("j-1").state is ItemState.WAITING
+    manager.register_worker("w-1", "process", {}, 1)  # a restarted worker registers anew
+    [lease] = manager.claim("w-1", "process", {}, 1, 30)
+    assert lease.item.job_id == "j-1"
+    assert [(w.state.name, w.drained) for w in manager.workers()] == [("ONLINE", False)]
+
+
+def test_a_drain_through_one_replica_holds_on_the_other(database_url: str) -> None:
+    """Replica A remembers the worker as seen and online; the drain is made through B."""
+    a, b = make_manager(database_url), make_manager(database_url)
+    a.enqueue_many([new("j-1"), new("j-2")])
+    [first] = a.claim("w-1", "process", {}, 1, 30)
+
+    b.drain_worker("w-1")
+
+    assert a.claim("w-1", "process", {}, 1, 30) == []
+    assert a.get("j-2").state is ItemState.WAITING
+    assert a.cache.claimable() == {"j-2"} and a.cache.staged_count() == 0
+    a.complete(first.token, Outcome.SUCCEEDED, 0, "", "")  # its running work still ends
+    [other] = a.claim("w-2", "process", {}, 1, 30)
+    assert other.item.job_id == "j-2"
+
+
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
     """A worker whose long poll outlasts the worker timeout and then gets an item keeps
     it: the reaper that runs next does not release it as a silent worker's."""
