@@ -308,7 +308,10 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         worker = self.manager.register_worker(
             request.worker_id, request.worker_type, dict(request.labels), request.slots or 1
         )
-        return pb.RegisterWorkerResponse(worker=convert.worker_message(worker))
+        return pb.RegisterWorkerResponse(
+            worker=convert.worker_message(worker),
+            worker_timeout=pbtime.duration(self.manager.worker_timeout),
+        )
 
     def ListWorkers(
         self, request: pb.ListWorkersRequest, context: grpc.ServicerContext

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 from blixard.common.v1 import job_spec_pb2
@@ -38,12 +39,21 @@ class QueueClient:
         self._stub = qpb_grpc.QueueServiceStub(channel)
         self._named_only = named_only
 
-    def register(self, worker_id: str, worker_type: str, slots: int) -> None:
-        call(
-            self._stub.RegisterWorker,
-            qpb.RegisterWorkerRequest(worker_id=worker_id, worker_type=worker_type, slots=slots),
-            CALL_TIMEOUT,
+    def register(self, worker_id: str, worker_type: str, slots: int) -> float | None:
+        """Register; the queue's worker timeout in seconds (None: it did not say)."""
+        response = cast(
+            qpb.RegisterWorkerResponse,
+            call(
+                self._stub.RegisterWorker,
+                qpb.RegisterWorkerRequest(
+                    worker_id=worker_id, worker_type=worker_type, slots=slots
+                ),
+                CALL_TIMEOUT,
+            ),
         )
+        if not response.HasField("worker_timeout"):
+            return None
+        return pbtime.seconds(response.worker_timeout) or None
 
     def claim(
         self, worker_id: str, worker_type: str, max_items: int, lease_seconds: float, wait: float

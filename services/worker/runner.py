@@ -61,6 +61,7 @@ class Worker:
         self._tracer = telemetry.tracer(__name__)
         self._paused_until = 0.0
         self._unavailable_streak = 0
+        self.heartbeat_interval = settings.heartbeat_interval
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -114,14 +115,21 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                self.queue.register(
+                worker_timeout = self.queue.register(
                     self.settings.worker_id, self.settings.worker_type, self.settings.slots
                 )
+                # A lease heartbeat is also how the queue hears from a busy worker: one
+                # silent past the queue's worker timeout would lose the leases it runs.
+                if worker_timeout:
+                    self.heartbeat_interval = min(
+                        self.settings.heartbeat_interval, worker_timeout / 3
+                    )
                 log.info(
-                    "worker %s (%s, %d slots) registered",
+                    "worker %s (%s, %d slots) registered; heartbeats every %.1fs",
                     self.settings.worker_id,
                     self.settings.worker_type,
                     self.settings.slots,
+                    self.heartbeat_interval,
                 )
                 return
             except (Transient, grpc.RpcError) as exc:
@@ -266,7 +274,7 @@ class Worker:
     def _watch(self, item: ClaimedItem, execution: Execution, timeout: float) -> str:
         """Heartbeat until the execution ends; why the worker stopped it, or ''."""
         started = time.monotonic()
-        next_heartbeat = started + self.settings.heartbeat_interval
+        next_heartbeat = started + self.heartbeat_interval
         while not execution.wait(POLL_STEP):
             now = time.monotonic()
             ending = ""
@@ -275,7 +283,7 @@ class Worker:
             elif now - started > timeout:
                 ending = "timed out"
             elif now >= next_heartbeat:
-                next_heartbeat = now + self.settings.heartbeat_interval
+                next_heartbeat = now + self.heartbeat_interval
                 ending = self._heartbeat(item)
             if ending:
                 execution.stop(self.settings.kill_grace)

@@ -12,6 +12,7 @@ from blixard.queue.v1 import queue_service_pb2 as qpb
 
 from services.common import pbtime
 from services.common.errors import describe
+from services.worker.queue_client import QueueClient
 from tests.grpc.conftest import Stack, spec
 
 
@@ -216,3 +217,15 @@ def test_a_drained_worker_gets_no_new_claims_until_it_registers_again(
     with pytest.raises(grpc.RpcError) as error:
         stub.DrainWorker(qpb.DrainWorkerRequest(worker_id="nobody"), timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_register_worker_tells_the_worker_the_queues_worker_timeout(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack({"QUEUE_WORKER_TIMEOUT": "12"}).start_pair()
+    reply = stack.queue_stub().RegisterWorker(
+        qpb.RegisterWorkerRequest(worker_id="w-api", worker_type="process"), timeout=10
+    )
+    assert reply.worker_timeout.ToTimedelta().total_seconds() == 12
+    # and the worker's own client reads it
+    assert QueueClient(stack.channel(stack.queue_target)).register("w-2", "process", 1) == 12

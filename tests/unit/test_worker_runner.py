@@ -28,10 +28,11 @@ class FakeQueue:
     completed: list[tuple[str, str, int | None]] = field(default_factory=list)
     released: list[tuple[str, str]] = field(default_factory=list)
     heartbeats: int = 0
+    worker_timeout: float | None = None  # what RegisterWorker answers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def register(self, worker_id: str, worker_type: str, slots: int) -> None:
-        pass
+    def register(self, worker_id: str, worker_type: str, slots: int) -> float | None:
+        return self.worker_timeout
 
     def claim(
         self, worker_id: str, worker_type: str, max_items: int, lease_seconds: float, wait: float
@@ -220,3 +221,24 @@ def test_the_task_carries_what_the_executor_needs(running: list) -> None:  # typ
         2,
         512,
     )
+
+
+def test_a_busy_worker_is_heard_from_within_the_queues_worker_timeout(running: list) -> None:  # type: ignore[type-arg]
+    """Leases of 30 s would be heartbeaten every 10 s; the queue takes a worker silent
+    for 0.9 s for gone, so the worker heartbeats every 0.3 s instead."""
+    queue = FakeQueue(waiting=[item("long")], worker_timeout=0.9)
+    worker = run(running, queue, FakeAdapter(seconds=60), WORKER_LEASE_SECONDS="30")
+    assert eventually(lambda: queue.heartbeats >= 1)
+    counted = queue.heartbeats
+    time.sleep(1.5)
+    assert worker.heartbeat_interval == pytest.approx(0.3)
+    assert queue.heartbeats - counted >= 3  # about 5; every 10 s would give none
+
+
+def test_a_queue_that_names_no_worker_timeout_leaves_the_lease_based_interval(
+    running: list,  # type: ignore[type-arg]
+) -> None:
+    queue = FakeQueue()
+    worker = run(running, queue, FakeAdapter())
+    assert eventually(lambda: queue.claims)  # registered: it claims
+    assert worker.heartbeat_interval == 0.5  # lease 1.5 s / 3
