@@ -508,9 +508,9 @@ class QueueManager:
 
     def stats(self, expiring_within: float) -> Stats:
         now = self.clock.now()
-        oldest = self.store.oldest_waiting()
+        oldest = self.store.oldest_due(now)
         return Stats(
-            by_state=self.store.counts(),
+            by_state={state.value: 0 for state in ItemState} | self.store.counts(),
             oldest_waiting_age=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
             waiting_by_worker_types=self.store.waiting_by_worker_types(),
             leases_expiring=self.store.leases_expiring(now + timedelta(seconds=expiring_within)),

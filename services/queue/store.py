@@ -397,8 +397,13 @@ class QueueStore:
         with self._reads() as session:
             return [_item(row) for row in session.execute(query.limit(limit))]
 
-    def oldest_waiting(self) -> datetime | None:
-        query = select(func.min(ItemRow.created_at)).where(ItemRow.state == ItemState.WAITING.value)
+    def oldest_due(self, now: datetime) -> datetime | None:
+        """Since when the longest-waiting claimable item has been claimable: the earliest
+        run_at of the waiting items due by ``now`` (a delayed or backing-off item is not
+        waiting for a worker yet)."""
+        query = select(func.min(ItemRow.run_at)).where(
+            ItemRow.state == ItemState.WAITING.value, ItemRow.run_at <= now
+        )
         with self._reads() as session:
             value = session.scalar(query)
             return to_utc(value) if value else None

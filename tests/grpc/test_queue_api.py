@@ -76,7 +76,14 @@ def test_get_stats_counts_by_state_and_worker_type(make_stack: Callable[..., Sta
     claim(stub, 1)  # job-0 leased for 5 s
 
     stats = stub.GetStats(qpb.GetStatsRequest(), timeout=10)
-    assert dict(stats.items_by_state) == {"ITEM_STATE_WAITING": 3, "ITEM_STATE_LEASED": 1}
+    assert dict(stats.items_by_state) == {
+        "ITEM_STATE_WAITING": 3,
+        "ITEM_STATE_LEASED": 1,
+        "ITEM_STATE_SUCCEEDED": 0,
+        "ITEM_STATE_FAILED": 0,
+        "ITEM_STATE_DEAD_LETTERED": 0,
+        "ITEM_STATE_CANCELLED": 0,
+    }
     assert dict(stats.waiting_by_worker_types) == {"any": 2, "vm,process": 1}
     assert stats.leases_expiring == 1  # within the default 30 s
     soon = stub.GetStats(qpb.GetStatsRequest(expiring_within=pbtime.duration(1)), timeout=10)

@@ -295,6 +295,27 @@ def test_two_replicas_on_one_postgres_never_double_lease(postgres_cluster) -> No
     assert replicas[0].store.counts() == {"SUCCEEDED": 300}
 
 
+def test_the_oldest_waiting_age_counts_from_when_an_item_became_claimable(
+    database_url: str,
+) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    assert manager.stats(30).oldest_waiting_age == 0.0  # nothing waits
+    later = clock.now() + timedelta(hours=1)
+    manager.enqueue(NewItem(**{**new("scheduled").__dict__, "run_at": later}))
+
+    clock.offset = 60
+    assert manager.stats(30).oldest_waiting_age == 0.0  # its hour has not come: not late
+
+    manager.enqueue(new("due"))
+    clock.offset = 90
+    assert manager.stats(30).oldest_waiting_age == pytest.approx(30, abs=1)
+    clock.offset = 3600 + 600  # "scheduled" has been due for 10 min, "due" for longer
+    assert manager.stats(30).oldest_waiting_age == pytest.approx(3600 + 600 - 60, abs=1)
+    assert manager.stats(30).by_state["WAITING"] == 2
+    assert manager.stats(30).by_state["DEAD_LETTERED"] == 0
+
+
 def test_run_at_in_the_future_is_not_claimed(manager: QueueManager) -> None:
     item = new("later")
     manager.enqueue(NewItem(**{**item.__dict__, "run_at": datetime.now(UTC) + timedelta(hours=1)}))
