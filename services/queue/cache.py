@@ -74,7 +74,7 @@ class ItemCache:
         self._ready: dict[str, SortedList] = {}  # worker type -> keys of claimable items
         self._delayed: list[tuple[float, str, int]] = []  # (run_at, job_id, version)
         self._staged: dict[str, Entry] = {}  # taken by claims in flight
-        self._now = 0.0  # the latest claim time seen
+        self._now = 0.0  # the latest time seen (claims, enqueues): it never goes back
         # The versions at which recent items ended, so a write applied late (a thread
         # that committed earlier but applies after) cannot bring an ended item back.
         self._ended: OrderedDict[str, int] = OrderedDict()
@@ -188,6 +188,17 @@ class ItemCache:
     def ready_count(self) -> int:
         with self._lock:
             return sum(len(keys) for keys in self._ready.values())
+
+    def advance(self, now: float) -> None:
+        """The clock read ``now``: items due by then are claimable from now on (the cache
+        keeps the latest time it saw, so a clock stepped back delays no item)."""
+        with self._lock:
+            self._promote(now)
+
+    def max_seq(self) -> int:
+        """The highest enqueue number of a live item (0 when none)."""
+        with self._lock:
+            return max((entry.seq for entry in self._entries.values()), default=0)
 
     def staged_count(self) -> int:
         with self._lock:

@@ -107,6 +107,10 @@ class QueueManager:
             cache = ItemCache()
             cache.load_entries(store.live_entries(), clock.timestamp())
         self.cache = cache
+        # Enqueue order (FIFO within a priority): the clock in microseconds, but never
+        # behind the last number given, so a clock stepped back cannot jump the line.
+        self._seq_lock = threading.Lock()
+        self._last_seq = cache.max_seq()
 
     # ---- the two halves of every write ------------------------------------------------
 
@@ -174,9 +178,10 @@ class QueueManager:
         """Enqueue in one transaction, idempotent by (job id, generation): an item already
         there at this generation or a newer one is returned as it is (created False)."""
 
+        now = self.clock.now()
+
         def work(tx: Transaction) -> list[tuple[Item, bool]]:
-            now = self.clock.now()
-            seq = int(self.clock.timestamp() * 1_000_000)
+            seq = self._next_seqs(len(news))
             existing = tx.get_many([new.job_id for new in news])
             results: list[tuple[Item, bool]] = []
             inserts: list[Item] = []
@@ -217,9 +222,18 @@ class QueueManager:
         results = self._write(
             work, lambda rs: [item for item, created in rs if created], [n.job_id for n in news]
         )
+        # Due "now" means due from now on, even if the clock is stepped back later.
+        self.cache.advance(now.timestamp())
         if any(created for _, created in results):
             self.feed.changed()
         return results
+
+    def _next_seqs(self, count: int) -> int:
+        """The first of ``count`` consecutive enqueue numbers, after every one given."""
+        with self._seq_lock:
+            first = max(int(self.clock.timestamp() * 1_000_000), self._last_seq + 1)
+            self._last_seq = first + count - 1
+            return first
 
     # ---- claim ------------------------------------------------------------------------
 

@@ -316,6 +316,21 @@ def test_the_oldest_waiting_age_counts_from_when_an_item_became_claimable(
     assert manager.stats(30).by_state["DEAD_LETTERED"] == 0
 
 
+def test_fifo_holds_when_the_clock_steps_back(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    manager.enqueue(new("first"))
+    clock.offset = -3600  # NTP steps the clock back an hour
+    manager.enqueue_many([new("second"), new("third")])
+
+    order = [lease.item.job_id for lease in manager.claim("w", "process", {}, 3, 30)]
+
+    assert order == ["first", "second", "third"]
+    restarted = make_manager(database_url, clock)  # it goes on after what the store holds
+    restarted.enqueue(new("fourth"))
+    assert restarted.get("fourth").seq > restarted.get("third").seq
+
+
 def test_run_at_in_the_future_is_not_claimed(manager: QueueManager) -> None:
     item = new("later")
     manager.enqueue(NewItem(**{**item.__dict__, "run_at": datetime.now(UTC) + timedelta(hours=1)}))
