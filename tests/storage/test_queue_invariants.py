@@ -24,6 +24,8 @@ from tests.storage.queue_support import SteppedClock, make_manager, new
 # Before the database commits (the step must change nothing), and after it committed
 # (the step's change stands, yet its caller sees an error: the cache must not lie).
 FAULT_POINTS = ("before_write", "after_write", "commit", "after_commit")
+# Half the steps fail at one of them; the others succeed, so the queue gets somewhere.
+FAULTS = st.sampled_from((None,) * len(FAULT_POINTS) + FAULT_POINTS)
 
 
 class InjectedFault(Exception):
@@ -109,14 +111,14 @@ class QueueMachine(RuleBasedStateMachine):
             self.faults.armed = None
         return result
 
-    @rule(priority=st.integers(-2, 2), fault=st.sampled_from((None, *FAULT_POINTS)))
+    @rule(priority=st.integers(-2, 2), fault=FAULTS)
     def enqueue(self, priority: int, fault: str | None) -> None:
         job_id = f"j-{self.enqueued}"
         if self._attempt(lambda: self.manager.enqueue(new(job_id, priority)), fault):
             self.enqueued += 1
 
     @precondition(lambda self: self.enqueued > 0)
-    @rule(data=st.data(), fault=st.sampled_from((None, *FAULT_POINTS)))
+    @rule(data=st.data(), fault=FAULTS)
     def enqueue_again(self, data: st.DataObject, fault: str | None) -> None:
         job_id = f"j-{data.draw(st.integers(0, self.enqueued - 1))}"
         item = self.manager.store.get(job_id)
@@ -125,7 +127,7 @@ class QueueMachine(RuleBasedStateMachine):
         again = new(job_id, generation=item.generation + bump)
         self._attempt(lambda: self.manager.enqueue(again), fault)
 
-    @rule(max_items=st.integers(1, 4), fault=st.sampled_from((None, *FAULT_POINTS)))
+    @rule(max_items=st.integers(1, 4), fault=FAULTS)
     def claim(self, max_items: int, fault: str | None) -> None:
         leases = self._attempt(
             lambda: self.manager.claim("w", "process", {}, max_items, 30.0), fault
@@ -138,7 +140,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         outcome=st.sampled_from(list(Outcome)),
-        fault=st.sampled_from((None, *FAULT_POINTS)),
+        fault=FAULTS,
     )
     def complete(self, data: st.DataObject, outcome: Outcome, fault: str | None) -> None:
         token = data.draw(st.sampled_from(sorted(self.tokens)))
@@ -147,18 +149,50 @@ class QueueMachine(RuleBasedStateMachine):
             self.successes[(item.job_id, item.generation)] += 1
 
     @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), fault=st.sampled_from((None, *FAULT_POINTS)))
+    @rule(data=st.data(), fault=FAULTS)
     def heartbeat(self, data: st.DataObject, fault: str | None) -> None:
         token = data.draw(st.sampled_from(sorted(self.tokens)))
         self._attempt(lambda: self.manager.heartbeat(token, None), fault)
 
     @precondition(lambda self: self.enqueued > 0)
-    @rule(data=st.data(), fault=st.sampled_from((None, *FAULT_POINTS)))
+    @rule(data=st.data(), fault=FAULTS)
     def cancel(self, data: st.DataObject, fault: str | None) -> None:
         job_id = f"j-{data.draw(st.integers(0, self.enqueued - 1))}"
         self._attempt(lambda: self.manager.cancel(job_id, 0), fault)
 
-    @rule(fault=st.sampled_from((None, *FAULT_POINTS)))
+    def _live_tokens(self) -> list[str]:
+        return sorted(t for (s, _, t, _) in store_snapshot(self.manager).values() if t)
+
+    def _in_state(self, state: str) -> list[str]:
+        return sorted(j for j, (s, _, _, _) in store_snapshot(self.manager).items() if s == state)
+
+    # The rules above draw from every token ever handed out (mostly stale ones, refused);
+    # these draw from live leases and dead letters, so those paths run often too.
+    @precondition(lambda self: self._live_tokens())
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(list(Outcome)),
+        fault=FAULTS,
+    )
+    def complete_live(self, data: st.DataObject, outcome: Outcome, fault: str | None) -> None:
+        token = data.draw(st.sampled_from(self._live_tokens()))
+        item = self._attempt(lambda: self.manager.complete(token, outcome, 1, "", ""), fault)
+        if item is not None and outcome is Outcome.SUCCEEDED:
+            self.successes[(item.job_id, item.generation)] += 1
+
+    @precondition(lambda self: self._live_tokens())
+    @rule(data=st.data(), fault=FAULTS)
+    def release(self, data: st.DataObject, fault: str | None) -> None:
+        token = data.draw(st.sampled_from(self._live_tokens()))
+        self._attempt(lambda: self.manager.release(token, "given back"), fault)
+
+    @precondition(lambda self: self._in_state("DEAD_LETTERED"))
+    @rule(data=st.data(), fault=FAULTS)
+    def redrive(self, data: st.DataObject, fault: str | None) -> None:
+        job_id = data.draw(st.sampled_from(self._in_state("DEAD_LETTERED")))
+        self._attempt(lambda: self.manager.redrive(job_id), fault)
+
+    @rule(fault=FAULTS)
     def expire(self, fault: str | None) -> None:
         self.clock.offset += 31.0  # every lease handed out so far runs out
         self._attempt(self.manager.reap, fault)
@@ -192,7 +226,7 @@ class QueueMachine(RuleBasedStateMachine):
 
 QueueMachine.TestCase.settings = settings(
     max_examples=40,
-    stateful_step_count=25,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
