@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -152,8 +153,12 @@ class Relay:
         *,
         batch: int = 100,
         idle_seconds: float = 1.0,
+        round_gap: float = 0.02,
         deliver_many: DeliverMany | None = None,
     ) -> None:
+        """``round_gap``: rounds start at least this far apart. An idle relay woken by a
+        commit delivers at once; a busy one gathers what commits in the gap into one
+        round (one read, one call, one delete) instead of a round per commit."""
         self.name = name
         self.outbox = outbox
         self.deliver = deliver
@@ -162,6 +167,7 @@ class Relay:
         self.feed = feed
         self.batch = batch
         self.idle_seconds = idle_seconds
+        self.round_gap = round_gap
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._tracer = telemetry.tracer(__name__)
@@ -179,6 +185,7 @@ class Relay:
     def _run(self) -> None:
         seen = self.feed.version
         while not self._stopping.is_set():
+            started = time.monotonic()
             try:
                 more = self.run_once()
             except Exception:
@@ -186,6 +193,8 @@ class Relay:
                 more = False
             if not more and not self._stopping.is_set():
                 seen = self.feed.wait(seen, self.idle_seconds)
+            # Commits that come while this one is being delivered wait for the next round.
+            self._stopping.wait(self.round_gap - (time.monotonic() - started))
 
     def run_once(self) -> bool:
         """Deliver what is due; True when more may be waiting."""

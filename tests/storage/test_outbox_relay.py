@@ -4,9 +4,12 @@ next round (receivers are idempotent, and the jobs service ignores a late update
 
 from __future__ import annotations
 
+import itertools
+import time
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import Engine
 
 from services.common import db, migrations
 from services.common.clock import Clock
@@ -17,14 +20,23 @@ from services.queue.models import OutboxRow
 
 
 @pytest.fixture
-def outbox(database_url: str) -> SqlOutbox:
+def engine(database_url: str) -> Engine:
     engine = db.make_engine(database_url, setting="QUEUE_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+    return engine
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> SqlOutbox:
     outbox = SqlOutbox(engine, OutboxRow)
+    add(engine, outbox, list(range(5)))
+    return outbox
+
+
+def add(engine: Engine, outbox: SqlOutbox, numbers: list[int]) -> None:
     now = Clock().now() - timedelta(seconds=1)
     with engine.begin() as connection:
-        outbox.add_many(connection, [("status", f"j-{n}", {"n": n}, now) for n in range(5)])
-    return outbox
+        outbox.add_many(connection, [("status", f"j-{n}", {"n": n}, now) for n in numbers])
 
 
 def relay_with(outbox: SqlOutbox, answer) -> tuple[Relay, list[list[int]]]:  # type: ignore[no-untyped-def]
@@ -80,3 +92,45 @@ def test_an_answer_of_the_wrong_length_delivers_nothing(outbox: SqlOutbox) -> No
     relay.run_once()
 
     assert left(outbox) == [0, 1, 2, 3, 4]
+
+
+def test_a_busy_relay_gathers_commits_into_few_rounds_an_idle_one_sends_at_once(
+    engine: Engine, outbox: SqlOutbox
+) -> None:
+    feed = ChangeFeed()
+    calls: list[tuple[float, list[int]]] = []
+
+    def deliver_many(messages: list[Message]) -> list[Exception | None]:
+        calls.append((time.monotonic(), [m.payload["n"] for m in messages]))
+        return [None] * len(messages)
+
+    relay = Relay("test", outbox, lambda m: None, Clock(), feed, deliver_many=deliver_many)
+    relay.start()
+    try:
+        deadline = time.monotonic() + 5
+        while outbox.pending() and time.monotonic() < deadline:  # the 5 from the fixture
+            time.sleep(0.01)
+        calls.clear()
+        committed = time.monotonic()
+        add(engine, outbox, [100])  # one commit on an idle relay: delivered at once
+        feed.changed()
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert calls and calls[0][1] == [100]
+        assert calls[0][0] - committed < 0.5  # not the 1 s idle poll
+
+        calls.clear()
+        for n in range(200, 300):  # 100 commits over about 0.2 s, each waking the relay
+            add(engine, outbox, [n])
+            feed.changed()
+            time.sleep(0.002)
+        while outbox.pending() and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+    finally:
+        relay.stop()
+    delivered = [n for _, ns in calls for n in ns]
+    assert delivered == list(range(200, 300))  # all, in order, once
+    starts = [at for at, _ in calls]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.5 * relay.round_gap, gaps  # never a round per commit
+    assert len(calls) < 100
