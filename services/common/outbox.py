@@ -151,7 +151,7 @@ class Relay:
         clock: Clock,
         feed: ChangeFeed,
         *,
-        batch: int = 100,
+        batch: int = 500,  # what the batch RPCs of both receivers take at most
         idle_seconds: float = 1.0,
         round_gap: float = 0.02,
         deliver_many: DeliverMany | None = None,
@@ -191,7 +191,9 @@ class Relay:
             except Exception:
                 log.exception("%s failed; retrying", self.name)
                 more = False
-            if not more and not self._stopping.is_set():
+            if more:
+                continue  # a backlog: the next full round at once
+            if not self._stopping.is_set():
                 seen = self.feed.wait(seen, self.idle_seconds)
             # Commits that come while this one is being delivered wait for the next round.
             self._stopping.wait(self.round_gap - (time.monotonic() - started))

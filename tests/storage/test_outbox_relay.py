@@ -134,3 +134,33 @@ def test_a_busy_relay_gathers_commits_into_few_rounds_an_idle_one_sends_at_once(
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= 0.5 * relay.round_gap, gaps  # never a round per commit
     assert len(calls) < 100
+
+
+def test_a_backlog_drains_in_full_rounds_without_waiting_the_gap(
+    engine: Engine, outbox: SqlOutbox
+) -> None:
+    add(engine, outbox, list(range(5, 250)))  # 250 waiting: rounds of 100, 100, 50
+    rounds: list[int] = []
+
+    def deliver_many(messages: list[Message]) -> list[Exception | None]:
+        rounds.append(len(messages))
+        return [None] * len(messages)
+
+    relay = Relay(
+        "test",
+        outbox,
+        lambda m: None,
+        Clock(),
+        ChangeFeed(),
+        batch=100,
+        round_gap=30.0,  # were the gap waited between full rounds, this would take a minute
+        deliver_many=deliver_many,
+    )
+    relay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while outbox.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        relay.stop()
+    assert rounds == [100, 100, 50]
