@@ -12,9 +12,12 @@
 3. RSS of the queue service with 10^6 waiting items (SQLite), its start-up (cache load) time,
    and both for an empty queue.
 
-The queue service runs as a real process (``python -m services.queue``); its jobs address is
-an unused port, so status reports to the jobs service are NOT delivered: they stay in the
-outbox and the relay only retries them (the table says how often it tried). The items the
+The queue service runs as a real process (``python -m services.queue``). Its status reports
+(every claim and completion makes one) go to a report sink: a stand-in jobs service in a
+process of its own that accepts each report at once (BatchUpdateJobStatus), so the relay's
+reads, calls and deletes are paid as in a deployment, while the jobs service's own work is
+not (its CPU is not in the server CPU either). ``--no-reports`` points the queue at an
+unused port instead (reports stay in the outbox; the relay only retries). The items the
 claim runs consume are inserted straight into the ``items`` table before the service starts
 (it loads its cache from the store at start-up); when a run may need more than are left, the
 service is stopped, more are inserted, and it is started again (untimed).
@@ -42,14 +45,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import grpc
 from blixard.common.v1 import job_spec_pb2
+from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.queue.v1 import queue_service_pb2 as pb
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
@@ -73,6 +78,7 @@ WORKER_TYPE = "process"
 SPEC = job_spec_pb2.JobSpec(command=["true"])
 SPEC_BYTES = SPEC.SerializeToString(deterministic=True)
 ECHO_METHOD = "/bench.Echo/Echo"
+JOBS_SERVICE = jpb.DESCRIPTOR.services_by_name["JobService"].full_name
 ECHO_PAYLOAD = b"x" * 64
 INSERT_BATCH = 10_000
 # Client channels get their own connection each, as separate worker processes would.
@@ -124,9 +130,10 @@ def wait_serving(port: int, alive: Callable[[], bool], timeout: float) -> None:
 class QueueService:
     """``python -m services.queue`` on a database URL, as a child process."""
 
-    def __init__(self, url: str, log_path: Path) -> None:
+    def __init__(self, url: str, log_path: Path, jobs_address: str = "") -> None:
         self.url = url
         self.log_path = log_path
+        self.jobs_address = jobs_address  # "" = an unused port: reports are not delivered
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -141,7 +148,7 @@ class QueueService:
         env.update(
             QUEUE_GRPC_PORT=str(self.port),
             QUEUE_DATABASE_URL=self.url,
-            QUEUE_JOBS_ADDRESS=f"127.0.0.1:{free_port()}",  # nobody listens: reports wait
+            QUEUE_JOBS_ADDRESS=self.jobs_address or f"127.0.0.1:{free_port()}",
             QUEUE_SHUTDOWN_GRACE="1",
             BLIXARD_LOG_LEVEL="warning",
         )
@@ -215,6 +222,77 @@ def echo_server() -> Iterator[tuple[int, int]]:
                     time.sleep(0.05)
         assert process.pid is not None
         yield port, process.pid
+    finally:
+        process.terminate()
+        process.join(10)
+
+
+def serve_sink(port: int, received: Any) -> None:
+    """A stand-in jobs service: every status report (batch or single) accepted at once."""
+    from concurrent import futures
+
+    def batch(
+        request: jpb.BatchUpdateJobStatusRequest, context: grpc.ServicerContext
+    ) -> jpb.BatchUpdateJobStatusResponse:
+        with received.get_lock():
+            received.value += len(request.requests)
+        applied = jpb.BatchUpdateJobStatusResult(response=jpb.UpdateJobStatusResponse(applied=True))
+        return jpb.BatchUpdateJobStatusResponse(results=[applied] * len(request.requests))
+
+    def single(
+        request: jpb.UpdateJobStatusRequest, context: grpc.ServicerContext
+    ) -> jpb.UpdateJobStatusResponse:
+        with received.get_lock():
+            received.value += 1
+        return jpb.UpdateJobStatusResponse(applied=True)
+
+    handlers = {
+        "BatchUpdateJobStatus": grpc.unary_unary_rpc_method_handler(
+            batch,
+            request_deserializer=jpb.BatchUpdateJobStatusRequest.FromString,
+            response_serializer=jpb.BatchUpdateJobStatusResponse.SerializeToString,
+        ),
+        "UpdateJobStatus": grpc.unary_unary_rpc_method_handler(
+            single,
+            request_deserializer=jpb.UpdateJobStatusRequest.FromString,
+            response_serializer=jpb.UpdateJobStatusResponse.SerializeToString,
+        ),
+    }
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sink"),
+        options=SERVER_OPTIONS,
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(JOBS_SERVICE, handlers)])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+@dataclass
+class Sink:
+    address: str
+    received: Any  # a multiprocessing Value: reports received so far
+
+
+@contextmanager
+def report_sink() -> Iterator[Sink]:
+    """The report sink in a child process."""
+    context = get_context("spawn")
+    port = free_port()
+    received = context.Value("q", 0)
+    process = context.Process(target=serve_sink, args=(port, received), daemon=True)
+    process.start()
+    try:
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            while True:
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                    break
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline or not process.is_alive():
+                        raise RuntimeError("the report sink did not start") from None
+        yield Sink(f"127.0.0.1:{port}", received)
     finally:
         process.terminate()
         process.join(10)
@@ -651,10 +729,10 @@ class Runner:
 class ClaimQueue:
     """A queue service on one database, kept stocked with waiting items for the next run."""
 
-    def __init__(self, backend: str, url: str, log_path: Path) -> None:
+    def __init__(self, backend: str, url: str, log_path: Path, jobs_address: str) -> None:
         self.backend = backend
         self.engine = migrate(url)
-        self.service = QueueService(url, log_path)
+        self.service = QueueService(url, log_path, jobs_address)
         self.inserted = 0
 
     def stock(self, need: int) -> None:
@@ -1045,6 +1123,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="spread the client threads over this many processes (default: threads here)",
     )
+    parser.add_argument(
+        "--no-reports",
+        action="store_true",
+        help="deliver no status reports (the queue's jobs address is an unused port)",
+    )
     args = parser.parse_args(argv)
 
     window = args.seconds or (1.5 if args.quick else 5.0)
@@ -1071,10 +1154,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{' and '.join(map(str, enqueue_clients))} client(s); long-poll latency over "
         f"{latency_items} items; RSS with {rss_items:,} items"
     )
-    say(
-        "NOTE: the queue service's jobs address is an unused port: status reports to the jobs "
-        "service are NOT delivered in this bench (they stay in the outbox; the relay retries)."
-    )
+    if args.no_reports:
+        say(
+            "NOTE (--no-reports): the queue service's jobs address is an unused port: status "
+            "reports are NOT delivered (they stay in the outbox; the relay retries)."
+        )
+    else:
+        say(
+            "status reports go to a report sink (a stand-in jobs service in its own process "
+            "that accepts each at once); its CPU is not in the server CPU"
+        )
 
     phases = Phases()
     total = time.monotonic()
@@ -1088,9 +1177,12 @@ def main(argv: list[str] | None = None) -> int:
     claims: list[Rate] = []
     latencies: list[Latency] = []
     relay: dict[str, tuple[int, int]] = {}
+    delivered: int | None = None
     memory: list[Memory] = []
+    sink_cm = nullcontext(None) if args.no_reports else report_sink()
     try:
-        with echo_server() as echo_at:
+        with echo_server() as echo_at, sink_cm as sink:
+            jobs_address = sink.address if sink else ""
             runner = Runner(clients, plan, echo_at)
             with phases.phase("baseline: raw gRPC echo"):
                 for n in sorted({*worker_counts, *enqueue_clients}):
@@ -1109,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not pool.available(backend):
                     continue
                 logs.append(pool.tmp / f"queue-{backend}.log")
-                queue = ClaimQueue(backend, pool.new_url(backend), logs[-1])
+                queue = ClaimQueue(backend, pool.new_url(backend), logs[-1], jobs_address)
                 span = warmup + window + 1.5  # the longest a run's clients claim
                 try:
                     with phases.phase(f"{backend}: stock the queue, start the service"):
@@ -1134,7 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 with phases.phase(f"{backend}: long-poll claim latency"):
                     logs.append(pool.tmp / f"queue-{backend}-latency.log")
-                    service = QueueService(pool.new_url(backend), logs[-1])
+                    service = QueueService(pool.new_url(backend), logs[-1], jobs_address)
                     service.start()
                     try:
                         x = claim_latency(
@@ -1148,6 +1240,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"after the Enqueue returned ({x.sent.p50:.2f} / {x.sent.p99:.2f} ms "
                         f"after it was sent); {x.missing} missing"
                     )
+            if sink is not None:
+                delivered = int(sink.received.value)
 
         with phases.phase("RSS: an empty queue and a full one (SQLite)"):
             for label, n in (("empty queue", 0), ("full queue", rss_items)):
@@ -1170,9 +1264,12 @@ def main(argv: list[str] | None = None) -> int:
         say(claim_table(claims))
         for backend, (rows, attempts) in relay.items():
             say(
-                f"   {backend}: {rows:,} status reports left in the outbox; the relay made "
-                f"{attempts:,} delivery attempts (none can succeed here)"
+                f"   {backend}: {rows:,} status reports left in the outbox at the end; "
+                f"{attempts:,} failed delivery attempts"
+                + (" (none can succeed with --no-reports)" if args.no_reports else "")
             )
+        if delivered is not None:
+            say(f"   the report sink received {delivered:,} status reports in all")
     if latencies:
         say("")
         say(latency_table(latencies, interval, wait))
