@@ -143,7 +143,7 @@ class QueueMachine(RuleBasedStateMachine):
         fault=FAULTS,
     )
     def complete(self, data: st.DataObject, outcome: Outcome, fault: str | None) -> None:
-        token = data.draw(st.sampled_from(sorted(self.tokens)))
+        token = data.draw(st.sampled_from(list(self.tokens)))
         item = self._attempt(lambda: self.manager.complete(token, outcome, 0, "", ""), fault)
         if item is not None and outcome is Outcome.SUCCEEDED:
             self.successes[(item.job_id, item.generation)] += 1
@@ -151,7 +151,7 @@ class QueueMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), fault=FAULTS)
     def heartbeat(self, data: st.DataObject, fault: str | None) -> None:
-        token = data.draw(st.sampled_from(sorted(self.tokens)))
+        token = data.draw(st.sampled_from(list(self.tokens)))
         self._attempt(lambda: self.manager.heartbeat(token, None), fault)
 
     @precondition(lambda self: self.enqueued > 0)
@@ -160,8 +160,11 @@ class QueueMachine(RuleBasedStateMachine):
         job_id = f"j-{data.draw(st.integers(0, self.enqueued - 1))}"
         self._attempt(lambda: self.manager.cancel(job_id, 0), fault)
 
+    # Tokens are random: rules pick them in an order that is not (by job id, by when they
+    # were handed out), or hypothesis could not replay a run.
     def _live_tokens(self) -> list[str]:
-        return sorted(t for (s, _, t, _) in store_snapshot(self.manager).values() if t)
+        snapshot = sorted(store_snapshot(self.manager).items())
+        return [token for _, (_, _, token, _) in snapshot if token]
 
     def _in_state(self, state: str) -> list[str]:
         return sorted(j for j, (s, _, _, _) in store_snapshot(self.manager).items() if s == state)
