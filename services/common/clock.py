@@ -67,44 +67,6 @@ class Clock:
             log.warning(message)
 
 
-class SteadyClock(Clock):
-    """The wall clock as it read at start-up, carried forward by the monotonic clock.
-
-    For lease deadlines and the reaper: a step of the wall clock (NTP correcting an hour,
-    an operator's ``date -s``) neither expires every lease at once nor stretches them;
-    slewing still reaches it (the monotonic clock is slewed too). When the two clocks
-    come apart by more than ``tolerance`` seconds a warning says so, once per step; a
-    restart reads the wall clock again."""
-
-    def __init__(
-        self,
-        wall: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        tolerance: float = 1.0,
-    ) -> None:
-        super().__init__(wall, monotonic)
-        self._anchor = super().timestamp() - monotonic()
-        self._tolerance = tolerance
-        self._offset = 0.0  # wall - steady, as last said
-
-    def timestamp(self) -> float:
-        steady = self._anchor + self._monotonic()
-        try:
-            wall = float(self._wall())
-        except (OSError, OverflowError, ValueError):
-            return steady
-        offset = wall - steady
-        if math.isfinite(offset) and abs(offset - self._offset) > self._tolerance:
-            log.warning(
-                "the wall clock stepped: it is %+.1fs from the time leases are kept in (was "
-                "%+.1fs); leases keep their length; a restart takes the wall clock",
-                offset,
-                self._offset,
-            )
-            self._offset = offset
-        return steady
-
-
 def to_utc(value: datetime) -> datetime:
     """Datetimes read back from SQLite come without a zone; they were stored as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -8,7 +8,7 @@ from pathlib import Path
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
 from services.common import client, db, migrations, server
-from services.common.clock import Clock, SteadyClock
+from services.common.clock import SYSTEM_CLOCK, Clock
 from services.common.outbox import Message, Relay
 from services.queue.config import QueueConfig
 from services.queue.manager import QueueManager, Reaper
@@ -22,11 +22,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def build(
     config: QueueConfig,
     *,
-    clock: Clock | None = None,
+    clock: Clock = SYSTEM_CLOCK,
     jobs: Callable[[Message], None] | None = None,
 ) -> server.Running:
-    # Lease deadlines and the reaper run on the monotonic clock (DESIGN: time).
-    clock = clock or SteadyClock()
     # A port in use is said before any work is done (no migration, no connection).
     server.check_bindable(config.server.address, "QUEUE_GRPC_PORT")
     engine = db.make_engine(config.database_url, setting="QUEUE_DATABASE_URL")

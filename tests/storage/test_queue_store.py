@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common.clock import SteadyClock
 from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import NewItem, QueueManager, _ClaimArgs
@@ -130,23 +129,6 @@ def test_a_drain_through_one_replica_holds_on_the_other(database_url: str) -> No
     a.complete(first.token, Outcome.SUCCEEDED, 0, "", "")  # its running work still ends
     [other] = a.claim("w-2", "process", {}, 1, 30)
     assert other.item.job_id == "j-2"
-
-
-def test_a_wall_clock_step_expires_no_lease(database_url: str) -> None:
-    """The queue keeps leases on the monotonic clock (its SteadyClock): the wall clock
-    jumping an hour ahead does not end every lease at once."""
-    wall_offset = [0.0]
-    clock = SteadyClock(wall=lambda: time.time() + wall_offset[0])
-    manager = make_manager(database_url, clock, worker_timeout=30)
-    manager.enqueue(new("j-1"))
-    [lease] = manager.claim("w-1", "process", {}, 1, 30)
-
-    wall_offset[0] = 3600.0
-
-    assert manager.reap() == 0
-    assert manager.get("j-1").state is ItemState.LEASED
-    manager.heartbeat(lease.token, None)
-    manager.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
 
 
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.common.clock import Clock, SteadyClock, to_utc
+from services.common.clock import Clock, to_utc
 
 LOGGER = "services.common.clock"
 
@@ -151,52 +151,3 @@ def test_to_utc() -> None:
     plus_two = datetime(2024, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
     assert to_utc(plus_two) == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     assert to_utc(plus_two).utcoffset() == timedelta(0)
-
-
-class Settable:
-    """A clock source the test sets."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def __call__(self) -> float:
-        return self.value
-
-
-def test_a_steady_clock_ignores_wall_clock_steps_and_says_so_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    wall, mono = Settable(1_000_000.0), Settable(50.0)
-    clock = SteadyClock(wall, mono)
-    mono.value, wall.value = 60.0, 1_000_010.0  # 10 s pass on both
-    assert clock.timestamp() == 1_000_010.0
-    assert warnings(caplog) == []
-
-    wall.value += 3600  # NTP steps the wall clock an hour ahead
-    mono.value += 1
-    assert clock.timestamp() == 1_000_011.0  # one second passed, not an hour
-    wall.value += 1
-    mono.value += 1
-    assert clock.timestamp() == 1_000_012.0
-    [warning] = warnings(caplog)
-    assert "+3599.0s from" in warning  # an hour ahead, less the second that passed
-
-    wall.value -= 7200  # and back, past where it was: never backwards
-    mono.value += 1
-    assert clock.timestamp() == 1_000_013.0
-    assert len(warnings(caplog)) == 2
-
-
-def test_a_steady_clock_survives_an_unreadable_wall_clock() -> None:
-    readings = iter([1_000_000.0])
-
-    def wall() -> float:
-        try:
-            return next(readings)
-        except StopIteration:
-            raise OSError("the clock cannot be read") from None
-
-    mono = Settable(5.0)
-    clock = SteadyClock(wall, mono)
-    mono.value = 6.0
-    assert clock.timestamp() == 1_000_001.0
