@@ -354,6 +354,8 @@ class QueueManager:
         self.refresh(conflicts)
         for worker_id in refused:
             self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
+        if refused:
+            self.feed.changed()  # what it had staged is claimable again: wake long polls
         results: list[tuple[list[Lease], bool]] = []
         for c, staged in zip(claims, staged_by_claim, strict=True):
             if c.worker_id in refused:

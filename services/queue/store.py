@@ -242,8 +242,12 @@ class Transaction:
         )
 
     def silent_workers(self, cutoff: datetime) -> list[Worker]:
-        query = select(WORKERS).where(
-            WORKERS.c.state != WorkerState.OFFLINE.value, WORKERS.c.last_seen < cutoff
+        # Locked, so a drain, registration or heartbeat that another replica commits
+        # meanwhile is waited for (and re-checked), not overwritten with what was read.
+        query = (
+            select(WORKERS)
+            .where(WORKERS.c.state != WorkerState.OFFLINE.value, WORKERS.c.last_seen < cutoff)
+            .with_for_update()
         )
         return [_worker(row) for row in self.connection.execute(query)]
 

@@ -94,3 +94,21 @@ def test_a_worker_draining_before_the_upgrade_stays_drained(database_url: str) -
     alembic(engine, "downgrade", SPEC_AS_PROTOBUF)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM workers")).scalar_one() == 2
+
+
+def test_undoing_0003_keeps_an_offline_drained_worker_draining(database_url: str) -> None:
+    engine = db.make_engine(database_url, setting="QUEUE_DATABASE_URL")
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO workers (worker_id, worker_type, labels, slots, state, last_seen,"
+                " drained) VALUES ('w-1', 'process', '{}', 1, 'OFFLINE', '2026-11-01 00:00:00',"
+                " true)"
+            )
+        )
+
+    alembic(engine, "downgrade", SPEC_AS_PROTOBUF)
+
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT state FROM workers")).scalar_one() == "DRAINING"

@@ -31,5 +31,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without the column, only the state can say a worker is drained.
+    workers = sa.table("workers", sa.column("state", sa.String), sa.column("drained", sa.Boolean))
+    op.get_bind().execute(
+        sa.update(workers)
+        .where(workers.c.drained, workers.c.state == "OFFLINE")
+        .values(state="DRAINING")
+    )
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("drained")
