@@ -120,9 +120,9 @@ class Worker:
                 )
                 # A lease heartbeat is also how the queue hears from a busy worker: one
                 # silent past the queue's worker timeout would lose the leases it runs.
-                if worker_timeout:
+                if worker_timeout:  # a quarter: one failed heartbeat is not yet silence
                     self.heartbeat_interval = min(
-                        self.settings.heartbeat_interval, worker_timeout / 3
+                        self.settings.heartbeat_interval, worker_timeout / 4
                     )
                 log.info(
                     "worker %s (%s, %d slots) registered; heartbeats every %.1fs",

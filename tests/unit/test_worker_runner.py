@@ -225,8 +225,8 @@ def test_the_task_carries_what_the_executor_needs(running: list) -> None:  # typ
 
 def test_a_busy_worker_is_heard_from_within_the_queues_worker_timeout(running: list) -> None:  # type: ignore[type-arg]
     """Leases of 30 s would be heartbeaten every 10 s; the queue takes a worker silent
-    for 0.9 s for gone, so the worker heartbeats every 0.3 s instead."""
-    queue = FakeQueue(waiting=[item("long")], worker_timeout=0.9)
+    for 1.2 s for gone, so the worker heartbeats every 0.3 s instead."""
+    queue = FakeQueue(waiting=[item("long")], worker_timeout=1.2)
     worker = run(running, queue, FakeAdapter(seconds=60), WORKER_LEASE_SECONDS="30")
     assert eventually(lambda: queue.heartbeats >= 1)
     counted = queue.heartbeats
