@@ -61,6 +61,7 @@ class Message:
     key: str
     payload: dict[str, Any]
     attempts: int
+    size: int = 0  # bytes of the stored payload
 
 
 class Transient(Exception):
@@ -119,7 +120,10 @@ class SqlOutbox:
     def due(self, now: datetime, limit: int) -> list[Message]:
         with self._reader.begin() as connection:
             rows = connection.execute(self._due, {"now": now, "limit": limit}).all()
-        return [Message(r.id, r.topic, r.key, json.loads(r.payload), r.attempts) for r in rows]
+        return [
+            Message(r.id, r.topic, r.key, json.loads(r.payload), r.attempts, len(r.payload))
+            for r in rows
+        ]
 
     def delivered(self, message_id: int) -> None:
         self.delivered_many([message_id])
@@ -163,6 +167,7 @@ class Relay:
         feed: ChangeFeed,
         *,
         batch: int = 500,  # what the batch RPCs of both receivers take at most
+        batch_bytes: int = 2 * 1024 * 1024,  # well under gRPC's 4 MiB message limit
         idle_seconds: float = 1.0,
         round_gap: float = 0.02,
         deliver_many: DeliverMany | None = None,
@@ -177,6 +182,7 @@ class Relay:
         self.clock = clock
         self.feed = feed
         self.batch = batch
+        self.batch_bytes = batch_bytes
         self.idle_seconds = idle_seconds
         self.round_gap = round_gap
         self._stopping = threading.Event()
@@ -213,7 +219,16 @@ class Relay:
         """Deliver what is due; True when more may be waiting."""
         messages = self.outbox.due(self.clock.now(), self.batch)
         if self.deliver_many is not None and messages:
-            return self._send_many(messages) and len(messages) == self.batch
+            # A batch call carries up to batch_bytes of payloads (at least one message):
+            # a backlog of large output tails must not make one call too big to send.
+            size, count = 0, 0
+            for message in messages:
+                size += message.size
+                if count and size > self.batch_bytes:
+                    break
+                count += 1
+            more = count < len(messages) or len(messages) == self.batch
+            return self._send_many(messages[:count]) and more
         for message in messages:
             if self._stopping.is_set() or not self._send(message):
                 return False

@@ -104,7 +104,18 @@ def test_a_busy_relay_gathers_commits_into_few_rounds_an_idle_one_sends_at_once(
         calls.append((time.monotonic(), [m.payload["n"] for m in messages]))
         return [None] * len(messages)
 
-    relay = Relay("test", outbox, lambda m: None, Clock(), feed, deliver_many=deliver_many)
+    # Long enough that a relay not woken by the commit, or one running a round per
+    # commit, cannot pass on a slow machine either.
+    relay = Relay(
+        "test",
+        outbox,
+        lambda m: None,
+        Clock(),
+        feed,
+        idle_seconds=30.0,
+        round_gap=0.2,
+        deliver_many=deliver_many,
+    )
     relay.start()
     try:
         deadline = time.monotonic() + 5
@@ -117,7 +128,7 @@ def test_a_busy_relay_gathers_commits_into_few_rounds_an_idle_one_sends_at_once(
         while not calls and time.monotonic() < deadline:
             time.sleep(0.001)
         assert calls and calls[0][1] == [100]
-        assert calls[0][0] - committed < 0.5  # not the 1 s idle poll
+        assert calls[0][0] - committed < 5  # woken by the commit, not the 30 s idle poll
 
         calls.clear()
         for n in range(200, 300):  # 100 commits over about 0.2 s, each waking the relay
@@ -164,3 +175,35 @@ def test_a_backlog_drains_in_full_rounds_without_waiting_the_gap(
     finally:
         relay.stop()
     assert rounds == [100, 100, 50]
+
+
+def test_a_batch_call_carries_at_most_batch_bytes_of_payloads(
+    engine: Engine, outbox: SqlOutbox
+) -> None:
+    outbox.delivered_many([m.id for m in outbox.due(Clock().now(), 100)])  # the fixture's
+    now = Clock().now() - timedelta(seconds=1)
+    big = "x" * 40_000  # an output tail of 40 kB in each report
+    with engine.begin() as connection:
+        outbox.add_many(
+            connection, [("status", f"j-{n}", {"n": n, "tail": big}, now) for n in range(10)]
+        )
+    sizes: list[int] = []
+
+    def deliver_many(messages: list[Message]) -> list[Exception | None]:
+        sizes.append(len(messages))
+        return [None] * len(messages)
+
+    relay = Relay(
+        "test",
+        outbox,
+        lambda m: None,
+        Clock(),
+        ChangeFeed(),
+        batch_bytes=100_000,
+        deliver_many=deliver_many,
+    )
+    while relay.run_once():
+        pass
+
+    assert sizes == [2, 2, 2, 2, 2]  # 2 x 40 kB fit in 100 kB, a third does not
+    assert outbox.pending() == 0
