@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
@@ -11,7 +12,7 @@ from blixard.queue.v1 import queue_service_pb2 as pb
 from services.common import pbtime
 from services.common.errors import BlixardError
 from services.common.jobspec import worker_types_for
-from services.queue.domain import Item, ItemState, Outcome, Report, Worker, WorkerState
+from services.queue.domain import Item, ItemState, Outcome, Worker, WorkerState
 from services.queue.manager import Lease, NewItem
 
 _OUTCOMES = {
@@ -107,23 +108,27 @@ def state_name(state: ItemState) -> str:
     return f"ITEM_STATE_{state.value}"
 
 
-def update_request(payload: dict[str, object]) -> jpb.UpdateJobStatusRequest:
-    """A report from the outbox, as the jobs contract's UpdateJobStatus."""
-    report = Report(**{**payload, "at": datetime.fromisoformat(str(payload["at"]))})  # type: ignore[arg-type]
+_JOB_STATES = {name.removeprefix("JOB_STATE_"): value for name, value in jpb.JobState.items()}
+
+
+def update_request(payload: dict[str, Any]) -> jpb.UpdateJobStatusRequest:
+    """A report from the outbox (a Report's fields, ``at`` in ISO form), as the jobs
+    contract's UpdateJobStatus. Read straight from the payload: the relay converts every
+    report it sends."""
     request = jpb.UpdateJobStatusRequest(
-        job_id=report.job_id,
-        generation=report.generation,
-        sequence=report.sequence,
-        state=jpb.JobState.Value(f"JOB_STATE_{report.job_state}"),
-        attempt=report.attempt,
-        worker_id=report.worker_id,
-        output_tail=report.output_tail,
-        error=report.error,
-        event_time=pbtime.timestamp(report.at),
-        reason=report.reason,
+        job_id=payload["job_id"],
+        generation=payload["generation"],
+        sequence=payload["sequence"],
+        state=_JOB_STATES[payload["job_state"]],
+        attempt=payload["attempt"],
+        worker_id=payload.get("worker_id", ""),
+        output_tail=payload.get("output_tail", ""),
+        error=payload.get("error", ""),
+        event_time=pbtime.timestamp(datetime.fromisoformat(payload["at"])),
+        reason=payload.get("reason", ""),
     )
-    if report.exit_code is not None:
-        request.exit_code = report.exit_code
+    if payload.get("exit_code") is not None:
+        request.exit_code = payload["exit_code"]
     return request
 
 
