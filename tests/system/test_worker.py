@@ -257,7 +257,10 @@ def test_output_is_followed_live_while_the_job_runs(
     suite: Deployment, jobs: pb_grpc.JobServiceStub, start_worker: WorkerStarter
 ) -> None:
     start_worker("chatty-worker")
-    job_id = submit(jobs, "for i in 1 2 3; do echo line $i; sleep 1; done; exit 3", max_attempts=1)
+    # The first line waits a second: the followers below must be following before it is
+    # written (a job now starts within milliseconds of its submit).
+    script = "sleep 1; for i in 1 2 3; do echo line $i; sleep 1; done; exit 3"
+    job_id = submit(jobs, script, max_attempts=1)
     arrivals: list[tuple[float, bytes]] = []
 
     def follow() -> None:
