@@ -153,9 +153,6 @@ class Transaction:
         row = self.connection.execute(query).first()
         return _item(row) if row else None
 
-    def by_token(self, token: str) -> Item | None:
-        return self.by_tokens([token]).get(token)
-
     def insert_many(self, items: list[Item]) -> None:
         if items:
             self._fault("before_write")
@@ -178,21 +175,6 @@ class Transaction:
                 reason="CONFLICT",
                 metadata={"job_id": item.job_id},
             )
-
-    def available(self, worker_type: str, now: datetime, limit: int) -> list[Item]:
-        c = ITEMS.c
-        query = (
-            select(*ITEM_COLUMNS)
-            .where(
-                c.state == ItemState.WAITING.value,
-                c.run_at <= now,
-                has_tag(c.worker_types, worker_type),
-            )
-            .order_by(c.priority.desc(), c.seq, c.job_id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        return [_item(row) for row in self.connection.execute(query)]
 
     def expired(self, now: datetime, limit: int) -> list[Item]:
         c = ITEMS.c
