@@ -33,13 +33,16 @@ def outbox(engine: Engine) -> SqlOutbox:
     return outbox
 
 
-def add(engine: Engine, outbox: SqlOutbox, numbers: list[int]) -> None:
+def add(engine: Engine, outbox: SqlOutbox, numbers: list[int], **extra: str) -> None:
+    """Messages numbered ``numbers`` (payload {"n": n, **extra}), due a second ago."""
     now = Clock().now() - timedelta(seconds=1)
     with engine.begin() as connection:
-        outbox.add_many(connection, [("status", f"j-{n}", {"n": n}, now) for n in numbers])
+        outbox.add_many(connection, [("status", f"j-{n}", {"n": n, **extra}, now) for n in numbers])
 
 
-def relay_with(outbox: SqlOutbox, answer) -> tuple[Relay, list[list[int]]]:  # type: ignore[no-untyped-def]
+def relay_with(outbox: SqlOutbox, answer, **options) -> tuple[Relay, list[list[int]]]:  # type: ignore[no-untyped-def]
+    """A relay delivering in batches (``answer`` says how each went), and the numbers
+    of every batch call; ``options`` go to the Relay."""
     calls: list[list[int]] = []
 
     def deliver_many(messages: list[Message]) -> list[Exception | None]:
@@ -49,7 +52,8 @@ def relay_with(outbox: SqlOutbox, answer) -> tuple[Relay, list[list[int]]]:  # t
     def one(message: Message) -> None:
         raise AssertionError("batch delivery was not used")
 
-    return Relay("test", outbox, one, Clock(), ChangeFeed(), deliver_many=deliver_many), calls
+    relay = Relay("test", outbox, one, Clock(), ChangeFeed(), deliver_many=deliver_many, **options)
+    return relay, calls
 
 
 def left(outbox: SqlOutbox) -> list[int]:
@@ -151,21 +155,11 @@ def test_a_backlog_drains_in_full_rounds_without_waiting_the_gap(
     engine: Engine, outbox: SqlOutbox
 ) -> None:
     add(engine, outbox, list(range(5, 250)))  # 250 waiting: rounds of 100, 100, 50
-    rounds: list[int] = []
-
-    def deliver_many(messages: list[Message]) -> list[Exception | None]:
-        rounds.append(len(messages))
-        return [None] * len(messages)
-
-    relay = Relay(
-        "test",
+    relay, calls = relay_with(
         outbox,
-        lambda m: None,
-        Clock(),
-        ChangeFeed(),
+        lambda ms: [None] * len(ms),
         batch=100,
         round_gap=30.0,  # were the gap waited between full rounds, this would take a minute
-        deliver_many=deliver_many,
     )
     relay.start()
     try:
@@ -174,6 +168,7 @@ def test_a_backlog_drains_in_full_rounds_without_waiting_the_gap(
             time.sleep(0.01)
     finally:
         relay.stop()
+    rounds = [len(numbers) for numbers in calls]
     assert rounds == [100, 100, 50]
 
 
@@ -181,29 +176,11 @@ def test_a_batch_call_carries_at_most_batch_bytes_of_payloads(
     engine: Engine, outbox: SqlOutbox
 ) -> None:
     outbox.delivered_many([m.id for m in outbox.due(Clock().now(), 100)])  # the fixture's
-    now = Clock().now() - timedelta(seconds=1)
-    big = "x" * 40_000  # an output tail of 40 kB in each report
-    with engine.begin() as connection:
-        outbox.add_many(
-            connection, [("status", f"j-{n}", {"n": n, "tail": big}, now) for n in range(10)]
-        )
-    sizes: list[int] = []
-
-    def deliver_many(messages: list[Message]) -> list[Exception | None]:
-        sizes.append(len(messages))
-        return [None] * len(messages)
-
-    relay = Relay(
-        "test",
-        outbox,
-        lambda m: None,
-        Clock(),
-        ChangeFeed(),
-        batch_bytes=100_000,
-        deliver_many=deliver_many,
-    )
+    add(engine, outbox, list(range(10)), tail="x" * 40_000)  # a 40 kB output tail each
+    relay, calls = relay_with(outbox, lambda ms: [None] * len(ms), batch_bytes=100_000)
     while relay.run_once():
         pass
+    sizes = [len(numbers) for numbers in calls]
 
     assert sizes == [2, 2, 2, 2, 2]  # 2 x 40 kB fit in 100 kB, a third does not
     assert outbox.pending() == 0
