@@ -1,6 +1,11 @@
 """The queue's transactional cache: an in-memory index of live items, so a claim picks its
 items in O(log n) without scanning the store.
 
+Claimable items are kept per worker type and, within it, per set of labels they require,
+each part sorted best first. A claim merges only the parts the worker's labels satisfy, so
+items it cannot take are never walked past: k items cost O(min(p, 2^m) + k log n), for p
+label sets among the items and m labels on the worker (p = 1 when no item requires labels).
+
 The store is the source of truth; the cache holds only committed state. A claim is a
 transaction across both:
 
@@ -19,6 +24,7 @@ the committed state, which the tests compare with the store after every operatio
 from __future__ import annotations
 
 import heapq
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -31,6 +37,12 @@ from services.queue.domain import Item, ItemState
 ENDED_MEMORY = 65_536
 ANY = ""  # the index of items that name no worker type
 Key = tuple[int, int, str]  # (-priority, seq, job_id): highest priority, then FIFO
+LabelSet = tuple[tuple[str, str], ...]  # the labels an item requires, sorted
+
+
+def satisfies(required: LabelSet, labels: dict[str, str]) -> bool:
+    """Whether a worker with ``labels`` carries every label of ``required``."""
+    return all(labels.get(k) == v for k, v in required)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +56,11 @@ class Entry:
     seq: int
     run_at: float
     worker_types: tuple[str, ...]
-    labels: tuple[tuple[str, str], ...]
+    labels: LabelSet
 
     @property
     def key(self) -> Key:
         return (-self.priority, self.seq, self.job_id)
-
-    def accepts(self, labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.labels)
 
     @classmethod
     def of(cls, item: Item) -> Entry:
@@ -67,11 +76,27 @@ class Entry:
         )
 
 
+def _satisfied(parts: dict[LabelSet, SortedList], labels: dict[str, str]) -> Iterator[SortedList]:
+    """The parts whose required labels a worker with ``labels`` carries: looked up by each
+    subset of its labels when it has fewer subsets than there are parts, else checked."""
+    if len(labels) < 16 and 1 << len(labels) < len(parts):
+        carried = sorted(labels.items())
+        for size in range(len(carried) + 1):
+            for required in itertools.combinations(carried, size):
+                if (keys := parts.get(required)) is not None:
+                    yield keys
+    else:
+        for required, keys in parts.items():
+            if satisfies(required, labels):
+                yield keys
+
+
 class ItemCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}  # every live item, committed state
-        self._ready: dict[str, SortedList] = {}  # worker type -> keys of claimable items
+        # worker type -> required labels -> keys of claimable items (no empty parts)
+        self._ready: dict[str, dict[LabelSet, SortedList]] = {}
         self._delayed: list[tuple[float, str, int]] = []  # (run_at, job_id, version)
         self._staged: dict[str, Entry] = {}  # taken by claims in flight
         self._now = 0.0  # the latest time seen (claims, enqueues): it never goes back
@@ -138,12 +163,10 @@ class ItemCache:
         with self._lock:
             self._promote(now)
             taken: list[Entry] = []
-            for key in self._candidates(worker_type, named_only):
-                entry = self._entries[key[2]]
-                if entry.accepts(labels):
-                    taken.append(entry)
-                    if len(taken) == max_items:
-                        break
+            for key in self._candidates(worker_type, labels, named_only):
+                taken.append(self._entries[key[2]])
+                if len(taken) == max_items:
+                    break
             for entry in taken:
                 self._unindex(entry)
                 self._staged[entry.job_id] = entry
@@ -175,7 +198,7 @@ class ItemCache:
         """The job ids a claim can reach now or once their run_at comes: those in the
         index and the current entries in the delayed heap."""
         with self._lock:
-            ready = {key[2] for keys in self._ready.values() for key in keys}
+            ready = {key[2] for keys in self._parts() for key in keys}
             delayed = {
                 job_id
                 for _, job_id, version in self._delayed
@@ -187,7 +210,7 @@ class ItemCache:
 
     def ready_count(self) -> int:
         with self._lock:
-            return sum(len(keys) for keys in self._ready.values())
+            return sum(len(keys) for keys in self._parts())
 
     def advance(self, now: float) -> None:
         """The clock read ``now``: items due by then are claimable from now on (the cache
@@ -209,9 +232,17 @@ class ItemCache:
 
     # ---- inside the lock --------------------------------------------------------------
 
-    def _candidates(self, worker_type: str, named_only: bool) -> Iterator[Key]:
-        types = {worker_type} if named_only else {worker_type, ANY}
-        lists = [keys for t in types if (keys := self._ready.get(t))]
+    def _parts(self) -> Iterator[SortedList]:
+        for parts in self._ready.values():
+            yield from parts.values()
+
+    def _candidates(
+        self, worker_type: str, labels: dict[str, str], named_only: bool
+    ) -> Iterator[Key]:
+        """The keys a worker may claim, best first: the parts of its type (and of any type)
+        whose required labels it carries, merged."""
+        types = (worker_type,) if named_only or worker_type == ANY else (worker_type, ANY)
+        lists = [keys for t in types for keys in _satisfied(self._ready.get(t, {}), labels)]
         if len(lists) == 1:
             return iter(lists[0])
         return heapq.merge(*lists)
@@ -226,7 +257,10 @@ class ItemCache:
 
     def _make_ready(self, entry: Entry) -> None:
         for worker_type in entry.worker_types or (ANY,):
-            keys = self._ready.setdefault(worker_type, SortedList())
+            parts = self._ready.setdefault(worker_type, {})
+            keys = parts.get(entry.labels)
+            if keys is None:
+                keys = parts[entry.labels] = SortedList()
             if entry.key not in keys:
                 keys.add(entry.key)
 
@@ -234,9 +268,14 @@ class ItemCache:
         if entry is None or entry.state is not ItemState.WAITING:
             return
         for worker_type in entry.worker_types or (ANY,):
-            keys = self._ready.get(worker_type)
+            parts = self._ready.get(worker_type)
+            keys = parts.get(entry.labels) if parts is not None else None
             if keys is not None:
                 keys.discard(entry.key)  # a delayed entry is not there: no-op
+                if not keys:
+                    del parts[entry.labels]  # type: ignore[union-attr]
+                    if not parts:
+                        del self._ready[worker_type]
         # A delayed entry stays in the heap; _promote skips it as stale.
 
     def _promote(self, now: float) -> None:

@@ -112,6 +112,58 @@ def test_worker_types_and_labels() -> None:
     assert claim_ids(cache, 5, "vm", {"gpu": "yes"}) == ["vm", "gpu"]
 
 
+def test_a_worker_takes_from_every_label_set_it_carries_in_one_order() -> None:
+    cache = ItemCache()
+    cache.load(
+        [
+            item("gpu-1", priority=1, seq=1, labels={"gpu": "yes"}),
+            item("plain-2", priority=1, seq=2),
+            item("both-3", priority=1, seq=3, labels={"gpu": "yes", "zone": "a"}),
+            item("zone-b-4", priority=9, seq=4, labels={"zone": "b"}),
+            item("zone-a-5", priority=1, seq=5, labels={"zone": "a"}),
+            item("urgent-6", priority=5, seq=6, labels={"zone": "a"}),
+            item("plain-7", priority=0, seq=7),
+        ]
+    )
+    labels = {"gpu": "yes", "zone": "a", "extra": "1"}
+    assert claim_ids(cache, 4, labels=labels) == ["urgent-6", "gpu-1", "plain-2", "both-3"]
+    assert claim_ids(cache, 9, labels={}) == ["plain-7"]
+    assert claim_ids(cache, 9, labels={"zone": "b"}) == ["zone-b-4"]
+    assert cache.claimable() == {"zone-a-5"}
+
+
+def test_a_worker_with_few_labels_among_many_label_sets_takes_what_it_carries() -> None:
+    # More label sets than subsets of the worker's labels: the parts are looked up by subset.
+    cache = ItemCache()
+    cache.load([item(f"zone-{n}", seq=n, labels={"zone": str(n)}) for n in range(20)])
+    cache.load(
+        [
+            item("gpu-zone-3", seq=30, labels={"gpu": "yes", "zone": "3"}),
+            item("gpu", seq=31, labels={"gpu": "yes"}),
+            item("gpu-no", seq=32, labels={"gpu": "no"}),
+            item("plain", seq=33),
+        ]
+    )
+    labels = {"gpu": "yes", "zone": "3"}
+    assert claim_ids(cache, 9, labels=labels) == ["zone-3", "gpu-zone-3", "gpu", "plain"]
+    assert claim_ids(cache, 9, labels={"gpu": "no"}) == ["gpu-no"]
+    assert len(cache.claimable()) == 19
+
+
+def test_items_a_worker_cannot_take_stay_for_one_that_can() -> None:
+    cache = ItemCache()
+    cache.load([item(f"gpu-{n}", priority=5, seq=n, labels={"gpu": "yes"}) for n in range(100)])
+    cache.load([item("plain", seq=1000)])
+    staged = cache.stage_claim("process", {}, 1, NOW)
+    assert [e.job_id for e in staged] == ["plain"]
+    cache.rollback(staged[0])
+    assert claim_ids(cache, 2, labels={"gpu": "yes"}) == ["gpu-0", "gpu-1"]
+    assert claim_ids(cache, 200, labels={}) == ["plain"]
+    assert len(cache.claimable()) == 98 and cache.ready_count() == 98
+    assert claim_ids(cache, 200, labels={"gpu": "yes"})[-1] == "gpu-99"
+    assert cache.claimable() == set() and cache.ready_count() == 0
+
+
 def test_items_wait_for_their_run_at() -> None:
     cache = ItemCache()
     later = T0 + timedelta(hours=1)
