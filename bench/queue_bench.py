@@ -11,6 +11,10 @@
    right before it (the machine is shared: runs made minutes apart would compare the drift).
 3. RSS of the queue service with 10^6 waiting items (SQLite), its start-up (cache load) time,
    and both for an empty queue.
+4. The claim index on its own (in this process, no store): the time of one claim (stage and
+   roll back) with 10^5 other claimable items in the index: items the worker may take
+   behind its pick, items requiring labels it lacks ahead of it, and those spread over 10
+   and 1,000 label sets; each as a ratio of a claim from an index holding only its pick.
 
 The queue service runs as a real process (``python -m services.queue``). Its status reports
 (every claim and completion makes one) go to a report sink: a stand-in jobs service in a
@@ -66,6 +70,7 @@ from bench.jobs_bench import Backends
 from services.common import db, migrations
 from services.common.server import SERVER_OPTIONS
 from services.queue.bootstrap import MIGRATIONS
+from services.queue.cache import Entry, ItemCache
 from services.queue.domain import Item, ItemState
 from services.queue.models import OutboxRow
 from services.queue.store import ITEMS, _columns
@@ -878,6 +883,70 @@ def memory_run(label: str, path: Path, items: int, log_path: Path) -> Memory:
 # -- report ----------------------------------------------------------------------------------
 
 
+@dataclass
+class IndexRun:
+    case: str
+    others: int  # claimable items in the index besides the pick
+    label_sets: int  # distinct label sets among them
+    per_claim: Summary
+
+
+INDEX_CASES = (
+    ("only the pick", 0, 0, False),
+    ("items it may take, behind the pick", 100_000, 0, False),
+    ("items requiring a label it lacks, ahead", 100_000, 1, True),
+    ("the same over 10 label sets", 100_000, 10, True),
+    ("the same over 1,000 label sets", 100_000, 1_000, True),
+)
+
+
+def index_run(case: str, others: int, label_sets: int, ahead: bool, claims: int) -> IndexRun:
+    """One claim's time (stage, then roll back) by a worker with no labels."""
+    cache = ItemCache()
+
+    def entry(job_id: str, priority: int, seq: int, labels: tuple[tuple[str, str], ...]) -> Entry:
+        return Entry(job_id, 1, ItemState.WAITING, priority, seq, 0.0, (), labels)
+
+    sets = [(("zone", f"z{n}"),) for n in range(label_sets)] or [()]
+    cache.load_entries(
+        [
+            entry(f"other-{n:07d}", 1 if ahead else 0, n + 1, sets[n % len(sets)])
+            for n in range(others)
+        ]
+        + [entry("pick", 0, 0, ())],
+        time.time(),
+    )
+    seconds = []
+    for _ in range(claims):
+        t0 = time.perf_counter()
+        staged = cache.stage_claim(WORKER_TYPE, {}, 1, time.time())
+        seconds.append(time.perf_counter() - t0)
+        if [e.job_id for e in staged] != ["pick"]:
+            raise RuntimeError(f"claim index ({case}): took {staged} instead of the pick")
+        cache.rollback(staged[0])
+    return IndexRun(case, others, label_sets, Summary.of(seconds))
+
+
+def index_table(runs: list[IndexRun]) -> str:
+    base = runs[0].per_claim.p50
+    rows = [
+        [
+            r.case,
+            r.others,
+            r.label_sets,
+            r.per_claim.p50 * 1000,
+            r.per_claim.p99 * 1000,
+            ratio(r.per_claim.p50, base),
+        ]
+        for r in runs
+    ]
+    return table(
+        ["index holds, besides the pick", "items", "label sets", "p50 us", "p99 us", "x only"],
+        rows,
+        "Claim index: one claim (stage + rollback) by a worker with no labels",
+    )
+
+
 def log_summary(paths: list[Path]) -> str:
     """Warnings and errors the service processes logged (they log at WARNING and above)."""
     counts: Counter[str] = Counter()
@@ -1179,6 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
     relay: dict[str, tuple[int, int]] = {}
     delivered: int | None = None
     memory: list[Memory] = []
+    index: list[IndexRun] = []
     sink_cm = nullcontext(None) if args.no_reports else report_sink()
     try:
         with echo_server() as echo_at, sink_cm as sink:
@@ -1247,6 +1317,11 @@ def main(argv: list[str] | None = None) -> int:
             for label, n in (("empty queue", 0), ("full queue", rss_items)):
                 logs.append(pool.tmp / f"queue-rss-{n}.log")
                 memory.append(memory_run(label, pool.tmp / f"rss-{n}.sqlite3", n, logs[-1]))
+        with phases.phase("claim index (in-process)"):
+            for case, others, label_sets, ahead in INDEX_CASES:
+                index.append(
+                    index_run(case, others, label_sets, ahead, 200 if args.quick else 1000)
+                )
     finally:
         clients.close()
         service_logs = log_summary(logs)
@@ -1283,6 +1358,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"bytes of RSS, {(full.startup - empty.startup) * 1e6 / full.items:,.1f} us of "
                 "start-up (cache load)"
             )
+    if index:
+        say("")
+        say(index_table(index))
     if claims:
         say("")
         say(aims_table(claims))
