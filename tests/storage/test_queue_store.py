@@ -8,7 +8,9 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
+from services.common import db
 from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import NewItem, QueueManager, _ClaimArgs
@@ -129,6 +131,59 @@ def test_a_drain_through_one_replica_holds_on_the_other(database_url: str) -> No
     a.complete(first.token, Outcome.SUCCEEDED, 0, "", "")  # its running work still ends
     [other] = a.claim("w-2", "process", {}, 1, 30)
     assert other.item.job_id == "j-2"
+
+
+def _until_a_transaction_waits_for_a_lock(url: str, seconds: float = 10.0) -> None:
+    """On PostgreSQL, until some transaction waits for a row lock; SQLite shows no such
+    thing (a writer waits for the database in its busy handler): a short pause instead."""
+    if not url.startswith("postgresql"):
+        time.sleep(0.5)
+        return
+    engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
+    deadline = time.monotonic() + seconds
+    try:
+        with engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            while not connection.execute(query).scalar():
+                assert time.monotonic() < deadline, "no transaction came to wait for a lock"
+                connection.rollback()
+                time.sleep(0.02)
+    finally:
+        engine.dispose()
+
+
+def test_a_drain_committed_while_another_replica_reaps_the_worker_holds(
+    database_url: str,
+) -> None:
+    """Replica B drains w-1 while replica A's reaper finds w-1 silent: A waits for B's
+    transaction and writes OFFLINE over the drained worker, not over what it read before."""
+    inside, go = threading.Event(), threading.Event()
+
+    def pause_before_commit(point: str) -> None:
+        if point == "after_write" and not go.is_set():
+            inside.set()
+            go.wait(10)
+
+    clock = SteppedClock()
+    a = make_manager(database_url, clock, worker_timeout=30)
+    b = make_manager(database_url, faults=pause_before_commit)
+    go.set()
+    a.register_worker("w-1", "process", {}, 1)
+    clock.offset = 31  # to A, w-1 has been silent past the timeout
+    go.clear()
+    drain = threading.Thread(target=b.drain_worker, args=("w-1",))
+    drain.start()
+    assert inside.wait(10)  # B wrote the drain and has not committed
+    reap = threading.Thread(target=a.reap)
+    reap.start()
+    _until_a_transaction_waits_for_a_lock(database_url)
+    go.set()
+    drain.join(10)
+    reap.join(10)
+
+    assert [(w.state.name, w.drained) for w in a.workers()] == [("OFFLINE", True)]
+    a.enqueue(new("j-1"))
+    assert a.claim("w-1", "process", {}, 1, 30) == []  # heard from again, still drained
 
 
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
