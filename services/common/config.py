@@ -160,11 +160,15 @@ def read_shared(environ: Mapping[str, str] | None = None) -> tuple[SharedSetting
     return settings, env
 
 
+DEFAULT_GRPC_THREADS = 256
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str
     port: int
     grace_seconds: float
+    threads: int = DEFAULT_GRPC_THREADS  # calls served at once (waiting calls: 3/4 of them)
 
     @property
     def address(self) -> str:
@@ -177,6 +181,7 @@ def read_server(env: EnvReader, default_port: int) -> ServerSettings:
         host=env.text("GRPC_HOST", "127.0.0.1"),
         port=env.integer("GRPC_PORT", default_port, minimum=0, maximum=65535),
         grace_seconds=env.number("SHUTDOWN_GRACE", 10.0, minimum=0.0, maximum=3600.0),
+        threads=env.integer("GRPC_THREADS", DEFAULT_GRPC_THREADS, minimum=8, maximum=4096),
     )
 
 

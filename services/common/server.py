@@ -8,8 +8,9 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import reflection, telemetry
 from services.common.auth import AuthInterceptor, Policy
-from services.common.config import Tokens
+from services.common.config import DEFAULT_GRPC_THREADS, Tokens
 from services.common.errors import ErrorInterceptor
 from services.common.startup import StartupError
 
@@ -32,6 +33,30 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class WaitSlots:
+    """The server threads that waiting calls (long polls, watch and follow streams) may hold
+    at once: all but a quarter (at least 4) of them. The sync gRPC server gives each call a
+    thread until it returns, and queues calls past its thread count: without this limit, a
+    fleet of idle workers in long polls, or of followers of running jobs, would leave every
+    heartbeat, completion and submit waiting behind them."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.limit = threads - max(4, threads // 4)
+        self._free = threading.BoundedSemaphore(self.limit)
+
+    @contextmanager
+    def hold(self) -> Iterator[bool]:
+        """Take a slot for the ``with`` block if one is free: True; else False at once (the
+        call must then answer without waiting)."""
+        taken = self._free.acquire(blocking=False)
+        try:
+            yield taken
+        finally:
+            if taken:
+                self._free.release()
 
 
 @dataclass
@@ -79,7 +104,7 @@ def create_server(
     service_names: Sequence[str],
     tokens: Tokens,
     policy: Policy,
-    max_workers: int = 32,
+    max_workers: int = DEFAULT_GRPC_THREADS,
     setting: str = "GRPC_PORT",
     extra_interceptors: Iterable[Any] = (),
 ) -> Running:

@@ -46,13 +46,14 @@ def build(
         deliver_many=deliver_many,
     )
     reaper = Reaper(manager, config.reap_interval, config.cache_sync_interval)
-    servicer = QueueServicer(manager)
+    servicer = QueueServicer(manager, server.WaitSlots(config.server.threads))
     running = server.create_server(
         config.server.address,
         register=lambda s: pb_grpc.add_QueueServiceServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
         tokens=config.shared.tokens,
         policy=POLICY,
+        max_workers=config.server.threads,
         setting="QUEUE_GRPC_PORT",
     )
     relay.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 
 import grpc
 from blixard.queue.v1 import queue_service_pb2 as pb
@@ -12,6 +13,7 @@ from services.common import pbtime, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
+from services.common.server import WaitSlots
 from services.common.validation import Problems, check_each
 from services.queue import convert
 from services.queue.manager import Completion, QueueManager
@@ -109,8 +111,9 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
 
 
 class QueueServicer(pb_grpc.QueueServiceServicer):
-    def __init__(self, manager: QueueManager) -> None:
+    def __init__(self, manager: QueueManager, waits: WaitSlots) -> None:
         self.manager = manager
+        self._waits = waits
         self._tracer = telemetry.tracer(__name__)
 
     def Enqueue(
@@ -166,16 +169,19 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = max(0.0, min(wait, remaining - 1.0))
-        leases = self.manager.claim(
-            request.worker_id,
-            request.worker_type,
-            dict(request.labels),
-            request.max_items or 1,
-            lease,
-            wait,
-            named_only=request.named_only,
-            caller_waiting=context.is_active,
-        )
+        # With every waiting slot taken, the claim answers at once with what there is (the
+        # worker asks again shortly), so idle workers never hold the threads other calls need.
+        with self._waits.hold() if wait > 0 else nullcontext(False) as may_wait:
+            leases = self.manager.claim(
+                request.worker_id,
+                request.worker_type,
+                dict(request.labels),
+                request.max_items or 1,
+                lease,
+                wait if may_wait else 0.0,
+                named_only=request.named_only,
+                caller_waiting=context.is_active,
+            )
         return pb.ClaimResponse(leases=[convert.lease_message(lease) for lease in leases])
 
     def Heartbeat(

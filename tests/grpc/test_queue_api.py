@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ from blixard.queue.v1 import queue_service_pb2 as qpb
 from services.common import pbtime
 from services.common.errors import describe
 from services.worker.queue_client import QueueClient
-from tests.grpc.conftest import Stack, spec
+from tests.grpc.conftest import Stack, eventually, spec
 
 
 def enqueue(stub, job_id: str, *worker_types: str, max_attempts: int = 0):  # type: ignore[no-untyped-def]
@@ -236,3 +237,41 @@ def test_register_worker_tells_the_worker_the_queues_worker_timeout(
     assert reply.worker_timeout.ToTimedelta().total_seconds() == 12
     # and the worker's own client reads it
     assert QueueClient(stack.channel(stack.queue_target)).register("w-2", "process", 1) == 12
+
+
+def test_idle_workers_past_the_waiting_slots_leave_threads_for_other_calls(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """8 server threads: 4 may wait in long polls. Ten idle workers poll for a minute; six
+    are answered at once (empty), and the queue still serves everything else."""
+    stack = make_stack({"QUEUE_GRPC_THREADS": "8"}).start_pair()
+    stub = stack.queue_stub()
+
+    def long_poll(n: int) -> list[qpb.Lease]:
+        request = qpb.ClaimRequest(
+            worker_id=f"idle-{n}", worker_type="process", wait=pbtime.duration(60)
+        )
+        return list(stub.Claim(request, timeout=90).leases)
+
+    pool = ThreadPoolExecutor(10)  # not joined: the four that wait end as the stack stops
+    try:
+        polls = [pool.submit(long_poll, n) for n in range(10)]
+        answered = eventually(
+            lambda: [p for p in polls if p.done()] if sum(p.done() for p in polls) >= 6 else None,
+            20,
+            "six claims answered without waiting",
+        )
+        assert [p.result() for p in answered] == [[]] * 6
+
+        stats = stub.GetStats(qpb.GetStatsRequest(), timeout=10)  # a thread is free for it
+        assert stats.items_by_state["ITEM_STATE_WAITING"] == 0
+        enqueue(stub, "job-1")
+        waiting = [p for p in polls if p not in answered]
+        got = eventually(
+            lambda: [p.result() for p in waiting if p.done() and p.result()],
+            20,
+            "a waiting worker to get the job",
+        )
+        assert [[lease.item.job_id for lease in leases] for leases in got] == [["job-1"]]
+    finally:
+        pool.shutdown(wait=False)

@@ -15,6 +15,7 @@ from services.common.config import (
     read_server,
     read_shared,
 )
+from services.common.server import WaitSlots
 
 
 def error_of(*readers: EnvReader) -> str:
@@ -220,3 +221,18 @@ def test_server_settings_and_address() -> None:
     assert server == ServerSettings("::1", 0, 10.0)
     assert server.address == "[::1]:0"
     assert ServerSettings("127.0.0.1", 50051, 1.0).address == "127.0.0.1:50051"
+
+
+def test_waiting_calls_may_hold_all_server_threads_but_a_quarter() -> None:
+    assert [WaitSlots(n).limit for n in (8, 16, 32, 256)] == [4, 12, 24, 192]
+    slots = WaitSlots(8)
+    held = [slots.hold() for _ in range(5)]
+    assert [h.__enter__() for h in held] == [True, True, True, True, False]
+    held[0].__exit__(None, None, None)
+    with slots.hold() as again:
+        assert again  # a slot comes back when its call ends
+    with pytest.raises(RuntimeError), slots.hold() as taken:
+        assert taken
+        raise RuntimeError("the call failed")
+    with slots.hold() as after_failure:
+        assert after_failure

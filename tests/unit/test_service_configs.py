@@ -85,7 +85,7 @@ def test_jobs_public_bind_needs_tokens() -> None:
 
 def test_queue_defaults() -> None:
     config = queue_config.load({})
-    assert config.server == ServerSettings("127.0.0.1", 50052, 10.0)
+    assert config.server == ServerSettings("127.0.0.1", 50052, 10.0, threads=256)
     assert config.database_url == "sqlite:///var/queue.sqlite3"
     assert config.jobs_address == "127.0.0.1:50051"
     assert config.retry == RetryPolicy(3, 1.0, 300.0)
@@ -101,8 +101,10 @@ def test_queue_values() -> None:
             "QUEUE_RETRY_CAP_SECONDS": "60",
             "QUEUE_REAP_INTERVAL": "0.05",
             "QUEUE_WORKER_TIMEOUT": "90",
+            "QUEUE_GRPC_THREADS": "64",
         }
     )
+    assert config.server.threads == 64
     assert config.retry == RetryPolicy(5, 0.5, 60.0)
     assert config.reap_interval == 0.05
     assert config.worker_timeout == 90.0
@@ -117,8 +119,10 @@ def test_queue_errors_name_every_setting_in_one_line() -> None:
             "QUEUE_RETRY_CAP_SECONDS": "soon",
             "QUEUE_GRPC_HOST": "0.0.0.0",
             "QUEUE_MAX_ATTEMPTS": "3",
+            "QUEUE_GRPC_THREADS": "4",
         },
     )
+    assert "QUEUE_GRPC_THREADS=4 is below the minimum 8" in message
     assert "QUEUE_DEFAULT_MAX_ATTEMPTS=0 is below the minimum 1" in message
     assert "QUEUE_REAP_INTERVAL=0.01 is below the minimum 0.05" in message
     assert "QUEUE_RETRY_CAP_SECONDS='soon' is not a number" in message
