@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import grpc
 from blixard.common.v1 import job_spec_pb2
@@ -27,6 +29,8 @@ from services.common.client import open_channel
 from services.common.errors import describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_RPC = 0, 1, 2, 3, 4
+R = TypeVar("R")
+T = TypeVar("T")
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 CALL_TIMEOUT = 30.0
 
@@ -206,7 +210,7 @@ class Cli:
         while True:
             attempt, cursor = 0, 0
             request = pb.GetJobOutputRequest(job_id=job_id, follow=True)
-            for chunk in self.stub.GetJobOutput(request):
+            for chunk in _stream(self.stub.GetJobOutput, request):
                 if self.as_json:
                     self.emit(chunk)
                     continue
@@ -285,7 +289,7 @@ class Cli:
 
     def _follow(self, job_id: str, *, quiet: bool) -> int:
         last = None
-        for update in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        for update in _stream(self.stub.WatchJob, pb.WatchJobRequest(job_id=job_id)):
             last = update.job
             if self.as_json:
                 self.emit(last)
@@ -296,6 +300,30 @@ class Cli:
         if not self.as_json:
             self.show(last)
         return _exit_code(last.state)
+
+
+def _stream(method: grpc.UnaryStreamMultiCallable[R, T], request: R) -> Iterator[T]:
+    """A server stream. While the service has no slot for another watch or follow stream,
+    say so once and ask again after the delay it gives; any other error is raised."""
+    said = False
+    while True:
+        stream = iter(method(request))
+        try:
+            first = next(stream)
+        except StopIteration:
+            return
+        except grpc.RpcError as exc:
+            failure = describe(exc)
+            if failure.reason != "TOO_MANY_WAITING_CALLS":
+                raise
+            if not said:
+                print(f"blixctl: {failure.message}; waiting for one", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(failure.retry_after or 1.0)
+            continue
+        yield first
+        yield from stream
+        return
 
 
 def _exit_code(state: int) -> int:

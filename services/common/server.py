@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common import reflection, telemetry
 from services.common.auth import AuthInterceptor, Policy
 from services.common.config import DEFAULT_GRPC_THREADS, Tokens
-from services.common.errors import ErrorInterceptor
+from services.common.errors import ErrorInterceptor, ResourceExhausted
 from services.common.startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ class WaitSlots:
     fleet of idle workers in long polls, or of followers of running jobs, would leave every
     heartbeat, completion and submit waiting behind them."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, setting: str = "GRPC_THREADS") -> None:
         self.threads = threads
+        self.setting = setting  # where the thread count is set, for the refusal message
         self.limit = threads - max(4, threads // 4)
         self._free = threading.BoundedSemaphore(self.limit)
 
@@ -57,6 +58,16 @@ class WaitSlots:
         finally:
             if taken:
                 self._free.release()
+
+    def refusal(self, what: str) -> ResourceExhausted:
+        """The error for a waiting call that found no slot (RetryInfo: ask again in 1 s)."""
+        return ResourceExhausted(
+            f"all {self.limit} slots for {what} are taken (three quarters of "
+            f"{self.setting}={self.threads}); try again shortly, or raise {self.setting}",
+            reason="TOO_MANY_WAITING_CALLS",
+            metadata={"limit": str(self.limit), "setting": self.setting},
+            retry_after=1.0,
+        )
 
 
 @dataclass

@@ -40,13 +40,14 @@ def build(
         manager.feed,
         deliver_many=delivery.many,
     )
-    servicer = JobServicer(manager)
+    servicer = JobServicer(manager, server.WaitSlots(config.server.threads, "JOBS_GRPC_THREADS"))
     running = server.create_server(
         config.server.address,
         register=lambda s: pb_grpc.add_JobServiceServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
         tokens=config.shared.tokens,
         policy=POLICY,
+        max_workers=config.server.threads,
         setting="JOBS_GRPC_PORT",
     )
     relay.start()

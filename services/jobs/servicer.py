@@ -4,6 +4,7 @@ Errors are mapped by the shared interceptor."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import grpc
 from blixard.jobs.v1 import jobs_service_pb2 as pb
@@ -18,6 +19,7 @@ from services.common.jobspec import (
     check_timestamp,
     check_worker_type,
 )
+from services.common.server import WaitSlots
 from services.common.validation import Problems, check_each
 from services.jobs import convert
 from services.jobs.manager import JobManager
@@ -75,8 +77,11 @@ def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> Non
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, waits: WaitSlots) -> None:
         self.manager = manager
+        # Each open watch or follow stream holds a server thread: they may hold only so
+        # many, so submits, status reports and output appends always find one.
+        self._waits = waits
 
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
@@ -187,6 +192,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
         problems = Problems()
         _check_job_id(request.job_id, problems)
         problems.raise_if_any()
+        with self._waits.hold() as held:
+            if not held:
+                raise self._waits.refusal("watch and follow streams")
+            yield from self._watch(request, context)
+
+    def _watch(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchJobResponse]:
         feed = self.manager.feed
         seen = feed.version
         job = self.manager.get(request.job_id)
@@ -252,6 +265,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
         problems = Problems()
         _check_job_id(request.job_id, problems)
         problems.raise_if_any()
+        with self._waits.hold() if request.follow else nullcontext(True) as held:
+            if not held:
+                raise self._waits.refusal("watch and follow streams")
+            yield from self._output(request, context)
+
+    def _output(
+        self, request: pb.GetJobOutputRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetJobOutputResponse]:
         feed = self.manager.output_feed
         job = self.manager.get(request.job_id)
         generation, attempt, cursor = job.generation, 0, 0

@@ -46,7 +46,7 @@ def build(
         deliver_many=deliver_many,
     )
     reaper = Reaper(manager, config.reap_interval, config.cache_sync_interval)
-    servicer = QueueServicer(manager, server.WaitSlots(config.server.threads))
+    servicer = QueueServicer(manager, server.WaitSlots(config.server.threads, "QUEUE_GRPC_THREADS"))
     running = server.create_server(
         config.server.address,
         register=lambda s: pb_grpc.add_QueueServiceServicer_to_server(servicer, s),

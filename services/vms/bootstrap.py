@@ -95,6 +95,7 @@ def build_with_manager(
             service_names=[SERVICE_NAME],
             tokens=config.shared.tokens,
             policy=POLICY,
+            max_workers=config.server.threads,
             setting="VMS_GRPC_PORT",
         )
     except BaseException:
