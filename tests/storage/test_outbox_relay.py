@@ -4,7 +4,6 @@ next round (receivers are idempotent, and the jobs service ignores a late update
 
 from __future__ import annotations
 
-import itertools
 import time
 from datetime import timedelta
 
@@ -145,10 +144,11 @@ def test_a_busy_relay_gathers_commits_into_few_rounds_an_idle_one_sends_at_once(
         relay.stop()
     delivered = [n for _, ns in calls for n in ns]
     assert delivered == list(range(200, 300))  # all, in order, once
-    starts = [at for at, _ in calls]
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= 0.5 * relay.round_gap, gaps  # never a round per commit
-    assert len(calls) < 100
+    # Never a round per commit: rounds start round_gap apart. A call comes some time into
+    # its round (after the read, which a loaded machine can slow down), so two calls may
+    # come closer than that, but not more of them than the span allows, plus one.
+    at = [when for when, _ in calls]
+    assert len(calls) <= 2 + (at[-1] - at[0]) / relay.round_gap, at
 
 
 def test_a_backlog_drains_in_full_rounds_without_waiting_the_gap(
