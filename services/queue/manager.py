@@ -290,13 +290,16 @@ class QueueManager:
         elsewhere)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
+        looked: set[tuple[str, bool]] = set()  # the store reads made for this batch
         try:
             for c in claims:
                 staged = self.cache.stage_claim(
                     c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
                 )
-                if not staged:
-                    # Nothing here: pick up what another replica enqueued, then look again.
+                if not staged and (c.worker_type, c.named_only) not in looked:
+                    # Nothing here: pick up what another replica enqueued, then look again
+                    # (once per batch: a second read would find what the first loaded).
+                    looked.add((c.worker_type, c.named_only))
                     waiting = self.store.waiting(
                         c.worker_type, now, max(4 * c.max_items, 64), c.named_only
                     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import sessionmaker
 
@@ -58,6 +58,22 @@ _GET_MANY = (
 )
 _DRAINED = select(WORKERS.c.worker_id).where(
     WORKERS.c.worker_id.in_(bindparam("keys", expanding=True)), WORKERS.c.drained
+)
+# The best waiting items for a worker type (a claim with nothing in the index reads it
+# to pick up what other replicas enqueued). "any" is "" to include items that accept
+# every type, None to leave them out (a NULL comparison matches nothing).
+_WAITING = (
+    select(*ITEM_COLUMNS)
+    .where(
+        ITEMS.c.state == ItemState.WAITING.value,
+        ITEMS.c.run_at <= bindparam("now"),
+        or_(
+            ITEMS.c.worker_types == bindparam("any"),
+            ITEMS.c.worker_types.contains(bindparam("tag")),
+        ),
+    )
+    .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
+    .limit(bindparam("limit"))
 )
 _BY_TOKENS = (
     select(*ITEM_COLUMNS)
@@ -237,7 +253,8 @@ class Transaction:
 class QueueStore:
     def __init__(self, engine: Engine, fault: Fault = no_faults) -> None:
         self.engine = engine
-        self._reads = sessionmaker(reader(engine), expire_on_commit=False)
+        self._reader = reader(engine)
+        self._reads = sessionmaker(self._reader, expire_on_commit=False)
         self.outbox = SqlOutbox(engine, OutboxRow)
         self.fault = fault
         self._write_lock = write_lock(engine)
@@ -329,20 +346,14 @@ class QueueStore:
     ) -> list[Item]:
         """The best waiting items for a worker type, read without locks (to pick up what
         another replica enqueued)."""
-        query = (
-            select(*ITEM_COLUMNS)
-            .where(
-                ITEMS.c.state == ItemState.WAITING.value,
-                ITEMS.c.run_at <= now,
-                ITEMS.c.worker_types.contains(f",{worker_type},")
-                if named_only
-                else has_tag(ITEMS.c.worker_types, worker_type),
-            )
-            .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
-            .limit(limit)
-        )
-        with self._reads() as session:
-            return [_item(row) for row in session.execute(query)]
+        params = {
+            "now": now,
+            "any": None if named_only else "",
+            "tag": f",{worker_type},",
+            "limit": limit,
+        }
+        with self._reader.connect() as connection:
+            return [_item(row) for row in connection.execute(_WAITING, params)]
 
     def get(self, job_id: str) -> Item | None:
         with self._reads() as session:
