@@ -208,6 +208,13 @@ class ItemCache:
             }
             return ready | delayed
 
+    def has_ready(self, kind: tuple[tuple[str, ...], LabelSet]) -> bool:
+        """Whether an item that accepts these worker types (empty = any) and requires
+        these labels can be claimed now."""
+        worker_types, labels = kind
+        with self._lock:
+            return any(self._ready.get(t, {}).get(labels) for t in worker_types or (ANY,))
+
     def ready_count(self) -> int:
         with self._lock:
             return sum(len(keys) for keys in self._parts())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -14,7 +15,6 @@ from services.common import paging
 from services.common.clock import Clock
 from services.common.combiner import Combiner
 from services.common.errors import Aborted, BlixardError, NotFound
-from services.common.feed import ChangeFeed
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -26,6 +26,7 @@ from services.queue.domain import (
     WorkerState,
 )
 from services.queue.store import QueueStore, Transaction
+from services.queue.waiters import Waiters, kind_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,14 +92,12 @@ class QueueManager:
         *,
         policy: RetryPolicy | None = None,
         worker_timeout: float = 30.0,
-        feed: ChangeFeed | None = None,
         cache: ItemCache | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy or RetryPolicy()
         self.worker_timeout = worker_timeout
-        self.feed = feed or ChangeFeed()
         self._stop = threading.Event()
         self._seen_workers: dict[str, tuple[float, Worker]] = {}
         self._claims = Combiner(self._claim_batch, max_batch=32)
@@ -107,6 +106,9 @@ class QueueManager:
             cache = ItemCache()
             cache.load_entries(store.live_entries(), clock.timestamp())
         self.cache = cache
+        self.waiters = Waiters(cache.has_ready)  # long polls, woken for items they may take
+        # How often a long poll looks again unwoken (other replicas' items, delayed ones).
+        self.look_again_seconds = 0.5
         # Enqueue order (FIFO within a priority): the clock in microseconds, but never
         # behind the last number given, so a clock stepped back cannot jump the line.
         self._seq_lock = threading.Lock()
@@ -224,9 +226,17 @@ class QueueManager:
         )
         # Due "now" means due from now on, even if the clock is stepped back later.
         self.cache.advance(now.timestamp())
-        if any(created for _, created in results):
-            self.feed.changed()
+        self._announce([item for item, created in results if created])
         return results
+
+    def _announce(self, items: list[Item]) -> None:
+        """Wake the long polls that may take one of these items, if it can be claimed now."""
+        now = self.clock.now()
+        self.waiters.claimable(
+            kind_of(item)
+            for item in items
+            if item.state is ItemState.WAITING and item.run_at <= now
+        )
 
     def _next_seqs(self, count: int) -> int:
         """The first of ``count`` consecutive enqueue numbers, after every one given."""
@@ -254,25 +264,39 @@ class QueueManager:
         run, and leases made as it went are given back at once, the attempt not counted."""
         args = _ClaimArgs(worker_id, worker_type, labels, max_items, lease_seconds, named_only)
         deadline = self.clock.monotonic() + wait_seconds
-        while True:
-            if not caller_waiting():
-                return []
-            # A worker waiting in a long poll is alive: it is seen on every turn (written
-            # at most every worker_timeout/4), so the reaper never takes it for silent and
-            # releases a lease it has just been given. A drain ends the wait.
-            worker = self._touch_worker(worker_id, worker_type, labels)
-            if not worker.may_claim:
-                return []
-            seen = self.feed.version
-            leases = self._claim_once(args)
-            if leases and not caller_waiting():
-                self._give_back(leases, "the claiming worker went away before the answer")
-                return []
-            remaining = deadline - self.clock.monotonic()
-            if leases or remaining <= 0 or self._stop.is_set():
-                return leases
-            # Wake on a local enqueue; poll now and then for other replicas and run_at.
-            self.feed.wait(seen, min(remaining, 0.5))
+        # A long poll is registered across its attempts and waits, so an item announced
+        # between an attempt and the wait is not missed.
+        registration = (
+            self.waiters.waiting(worker_type, labels, named_only, max_items)
+            if wait_seconds > 0
+            else nullcontext(None)
+        )
+        with registration as waiter:
+            while True:
+                if not caller_waiting():
+                    return []
+                # A worker waiting in a long poll is alive: it is seen on every turn
+                # (written at most every worker_timeout/4), so the reaper never takes it
+                # for silent and releases a lease it has just been given. A drain ends
+                # the wait.
+                worker = self._touch_worker(worker_id, worker_type, labels)
+                if not worker.may_claim:
+                    return []
+                offered = self.waiters.attempting(waiter) if waiter is not None else []
+                leases = self._claim_once(args)
+                if offered:  # what it was woken for and left goes to others
+                    assert waiter is not None
+                    self.waiters.hand_on(offered, waiter)
+                if leases and not caller_waiting():
+                    self._give_back(leases, "the claiming worker went away before the answer")
+                    return []
+                remaining = deadline - self.clock.monotonic()
+                if leases or remaining <= 0 or self._stop.is_set():
+                    return leases
+                assert waiter is not None
+                # Woken for an item it may take; looks again now and then for other
+                # replicas' items and delayed items whose time came.
+                waiter.wait(min(remaining, self.look_again_seconds))
 
     def _claim_once(self, args: _ClaimArgs) -> list[Lease]:
         """Claim what the cache offers. When every item it offered had been taken by
@@ -357,8 +381,13 @@ class QueueManager:
         self.refresh(conflicts)
         for worker_id in refused:
             self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
-        if refused:
-            self.feed.changed()  # what it had staged is claimable again: wake long polls
+        if refused:  # what it had staged is claimable again: wake the polls that may take it
+            self.waiters.claimable(
+                (e.worker_types, e.labels)
+                for c, staged in zip(claims, staged_by_claim, strict=True)
+                if c.worker_id in refused
+                for e in staged
+            )
         results: list[tuple[list[Lease], bool]] = []
         for c, staged in zip(claims, staged_by_claim, strict=True):
             if c.worker_id in refused:
@@ -464,7 +493,7 @@ class QueueManager:
             return results
 
         results = self._write(work, lambda rs: [r for r in rs if isinstance(r, Item)], [])
-        self.feed.changed()
+        self._announce([r for r in results if isinstance(r, Item)])  # retries due at once
         return results
 
     def release(self, token: str, reason: str) -> Item:
@@ -477,7 +506,7 @@ class QueueManager:
             return item
 
         item = self._write(work, lambda item: [item], [])
-        self.feed.changed()
+        self._announce([item])
         return item
 
     def _give_back(self, leases: list[Lease], reason: str) -> None:
@@ -516,7 +545,7 @@ class QueueManager:
             return item
 
         item = self._write(work, lambda item: [item], [job_id])
-        self.feed.changed()
+        self._announce([item])
         return item
 
     def get(self, job_id: str) -> Item:
@@ -605,13 +634,12 @@ class QueueManager:
             return reaped
 
         reaped = self._write(work, lambda items: items, [])
-        if reaped:
-            self.feed.changed()
+        self._announce(reaped)
         return len(reaped)
 
     def stop(self) -> None:
         self._stop.set()
-        self.feed.changed()
+        self.waiters.wake_all()
 
 
 class Reaper:

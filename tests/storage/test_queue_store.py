@@ -186,6 +186,56 @@ def test_a_drain_committed_while_another_replica_reaps_the_worker_holds(
     assert a.claim("w-1", "process", {}, 1, 30) == []  # heard from again, still drained
 
 
+class Poll:
+    """A worker's long poll in a thread of its own."""
+
+    def __init__(self, manager: QueueManager, worker_id: str, worker_type: str) -> None:
+        self.leases: list[object] | None = None
+        asleep = manager.waiters.asleep()
+
+        def run() -> None:
+            self.leases = manager.claim(worker_id, worker_type, {}, 1, 30, wait_seconds=30)  # type: ignore[assignment]
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while manager.waiters.asleep() == asleep:  # until it tried and waits
+            assert time.monotonic() < deadline, "the poll did not start waiting"
+            time.sleep(0.01)
+
+    def answered(self, seconds: float = 10) -> list[str]:
+        self.thread.join(seconds)
+        assert self.leases is not None, "the poll was not answered"
+        return [lease.item.job_id for lease in self.leases]  # type: ignore[attr-defined]
+
+
+def test_an_enqueue_wakes_a_waiting_poll_that_may_take_it(database_url: str) -> None:
+    manager = make_manager(database_url)
+    manager.look_again_seconds = 60  # only a wake can answer the polls within the test
+    vm, process = Poll(manager, "w-vm", "vm"), Poll(manager, "w-p", "process")
+
+    manager.enqueue(new("j-process", worker_types=("process",)))
+    assert process.answered() == ["j-process"]
+    assert vm.thread.is_alive()  # not its kind: still waiting
+    manager.enqueue(new("j-vm", worker_types=("vm",)))
+    assert vm.answered() == ["j-vm"]
+
+
+def test_a_woken_poll_that_cannot_claim_hands_the_item_on(database_url: str) -> None:
+    """The longest-waiting poll is woken for the item, but its worker was drained
+    meanwhile: it answers empty, and the next poll is woken for the item."""
+    manager = make_manager(database_url)
+    manager.look_again_seconds = 60
+    manager.register_worker("w-1", "process", {}, 1)
+    first, second = Poll(manager, "w-1", "process"), Poll(manager, "w-2", "process")
+    manager.drain_worker("w-1")
+
+    manager.enqueue(new("j-1"))
+
+    assert first.answered() == []
+    assert second.answered() == ["j-1"]
+
+
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
     """A worker whose long poll outlasts the worker timeout and then gets an item keeps
     it: the reaper that runs next does not release it as a silent worker's."""
@@ -260,9 +310,10 @@ def test_each_committed_report_wakes_the_relay_a_claims_included(manager: QueueM
     manager.enqueue(new("j-1"))
     assert reports.version != seen
 
-    seen, polls = reports.version, manager.feed.version
-    [lease] = manager.claim("w-1", "process", {}, 1, 30)
-    assert reports.version != seen and manager.feed.version == polls
+    seen = reports.version
+    with manager.waiters.waiting("process", {}, False) as poll:
+        [lease] = manager.claim("w-1", "process", {}, 1, 30)
+    assert reports.version != seen and not poll.woken.is_set()
 
     seen = reports.version
     manager.get("j-1")
