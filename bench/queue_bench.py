@@ -11,7 +11,11 @@
    right before it (the machine is shared: runs made minutes apart would compare the drift).
 3. RSS of the queue service with 10^6 waiting items (SQLite), its start-up (cache load) time,
    and both for an empty queue.
-4. The claim index on its own (in this process, no store): the time of one claim (stage and
+4. An idle fleet (SQLite): 100 workers in long polls (each its own channel, a thread of
+   this process), the server's CPU while they only wait, and Enqueue throughput of one
+   client while they wait: workers of another type (no item is theirs) and of the items'
+   type (each takes an item as it comes and completes it); against no fleet.
+5. The claim index on its own (in this process, no store): the time of one claim (stage and
    roll back) with 10^5 other claimable items in the index: items the worker may take
    behind its pick, items requiring labels it lacks ahead of it, and those spread over 10
    and 1,000 label sets; each as a ratio of a claim from an index holding only its pick.
@@ -927,6 +931,99 @@ def index_run(case: str, others: int, label_sets: int, ahead: bool, claims: int)
     return IndexRun(case, others, label_sets, Summary.of(seconds))
 
 
+FLEET = 100
+
+
+@dataclass
+class FleetRun:
+    case: str
+    polls: int
+    idle_cpu: float  # the server's CPU share while the fleet only waits
+    enqueues: float  # per second, one client
+    cpu_per_enqueue: float  # server CPU seconds per enqueue (the fleet's claims included)
+    taken: int  # items the fleet claimed and completed in the window
+
+
+def fleet_run(
+    case: str, service: QueueService, polls: int, fleet_type: str, seconds: float
+) -> FleetRun:
+    """Enqueue items for "process" workers while ``polls`` workers of ``fleet_type`` wait."""
+    target = f"127.0.0.1:{service.port}"
+    stop = threading.Event()
+    taken = [0] * polls
+
+    def worker(n: int) -> None:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.QueueServiceStub(channel)
+            request = pb.ClaimRequest(
+                worker_id=f"idle-{n}",
+                worker_type=fleet_type,
+                lease_duration=duration_pb2.Duration(seconds=LEASE_SECONDS),
+                wait=duration_pb2.Duration(seconds=10),
+            )
+            while not stop.is_set():
+                try:
+                    for lease in stub.Claim(request, timeout=CALL_TIMEOUT).leases:
+                        complete = pb.CompleteRequest(
+                            lease_token=lease.lease_token, outcome=job_spec_pb2.OUTCOME_SUCCEEDED
+                        )
+                        stub.Complete(complete, timeout=CALL_TIMEOUT)
+                        taken[n] += 1
+                except grpc.RpcError:
+                    stop.wait(0.1)
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(polls)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0 if polls else 0.2)  # every worker registered and waiting
+        cpu, start = cpu_seconds(service.pid), time.monotonic()
+        time.sleep(2.0)
+        idle_cpu = (cpu_seconds(service.pid) - cpu) / (time.monotonic() - start)
+        spec = job_spec_pb2.JobSpec(
+            command=["true"], requirements=job_spec_pb2.JobRequirements(worker_types=[WORKER_TYPE])
+        )
+        before = sum(taken)
+        count, cpu, start = 0, cpu_seconds(service.pid), time.monotonic()
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.QueueServiceStub(channel)
+            while time.monotonic() - start < seconds:
+                request = pb.EnqueueRequest(job_id=f"fleet-{count:08d}", generation=1, spec=spec)
+                stub.Enqueue(request, timeout=CALL_TIMEOUT)
+                count += 1
+        elapsed = time.monotonic() - start
+        used = cpu_seconds(service.pid) - cpu
+        return FleetRun(
+            case, polls, idle_cpu, count / elapsed, used / max(count, 1), sum(taken) - before
+        )
+    finally:
+        stop.set()
+        service.stop()  # ends the long polls
+        for t in threads:
+            t.join(CALL_TIMEOUT)
+
+
+def fleet_table(runs: list[FleetRun]) -> str:
+    base = runs[0].enqueues if runs else math.nan
+    rows = [
+        [
+            r.case,
+            r.polls,
+            f"{r.idle_cpu:.0%}",
+            r.enqueues,
+            ratio(r.enqueues, base),
+            r.cpu_per_enqueue * 1000,
+            r.taken,
+        ]
+        for r in runs
+    ]
+    return table(
+        ["idle fleet", "polls", "server CPU idle", "enqueues/s", "x none", "ms CPU/enq", "taken"],
+        rows,
+        "Enqueue (1 client) while idle workers wait in long polls (SQLite)",
+    )
+
+
 def index_table(runs: list[IndexRun]) -> str:
     base = runs[0].per_claim.p50
     rows = [
@@ -1249,6 +1346,7 @@ def main(argv: list[str] | None = None) -> int:
     delivered: int | None = None
     memory: list[Memory] = []
     index: list[IndexRun] = []
+    fleet: list[FleetRun] = []
     sink_cm = nullcontext(None) if args.no_reports else report_sink()
     try:
         with echo_server() as echo_at, sink_cm as sink:
@@ -1310,6 +1408,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"after the Enqueue returned ({x.sent.p50:.2f} / {x.sent.p99:.2f} ms "
                         f"after it was sent); {x.missing} missing"
                     )
+            with phases.phase("idle fleet (SQLite)"):
+                for case, polls, fleet_type in (
+                    ("none", 0, WORKER_TYPE),
+                    ("another type", FLEET, "vm"),
+                    ("the items' type", FLEET, WORKER_TYPE),
+                ):
+                    logs.append(pool.tmp / f"queue-fleet-{len(fleet)}.log")
+                    database = pool.tmp / f"fleet-{len(fleet)}.sqlite3"
+                    service = QueueService(f"sqlite:///{database}", logs[-1], jobs_address)
+                    service.start()
+                    fleet.append(fleet_run(case, service, polls, fleet_type, window))
             if sink is not None:
                 delivered = int(sink.received.value)
 
@@ -1358,6 +1467,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"bytes of RSS, {(full.startup - empty.startup) * 1e6 / full.items:,.1f} us of "
                 "start-up (cache load)"
             )
+    if fleet:
+        say("")
+        say(fleet_table(fleet))
     if index:
         say("")
         say(index_table(index))
