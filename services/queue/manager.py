@@ -283,10 +283,12 @@ class QueueManager:
                 if not worker.may_claim:
                     return []
                 offered = self.waiters.attempting(waiter) if waiter is not None else []
-                leases = self._claim_once(args)
-                if offered:  # what it was woken for and left goes to others
-                    assert waiter is not None
-                    self.waiters.hand_on(offered, waiter)
+                try:
+                    leases = self._claim_once(args)
+                finally:
+                    if offered:  # what it was woken for and left goes to others
+                        assert waiter is not None
+                        self.waiters.hand_on(offered, waiter)
                 if leases and not caller_waiting():
                     self._give_back(leases, "the claiming worker went away before the answer")
                     return []

@@ -191,10 +191,14 @@ class Poll:
 
     def __init__(self, manager: QueueManager, worker_id: str, worker_type: str) -> None:
         self.leases: list[object] | None = None
+        self.error: Exception | None = None
         asleep = manager.waiters.asleep()
 
         def run() -> None:
-            self.leases = manager.claim(worker_id, worker_type, {}, 1, 30, wait_seconds=30)  # type: ignore[assignment]
+            try:
+                self.leases = manager.claim(worker_id, worker_type, {}, 1, 30, wait_seconds=30)  # type: ignore[assignment]
+            except Exception as exc:
+                self.error = exc
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -233,6 +237,25 @@ def test_a_woken_poll_that_cannot_claim_hands_the_item_on(database_url: str) -> 
     manager.enqueue(new("j-1"))
 
     assert first.answered() == []
+    assert second.answered() == ["j-1"]
+
+
+def test_a_woken_poll_whose_claim_fails_hands_the_item_on(database_url: str) -> None:
+    failed: list[str] = []
+
+    def fail_first_claim_write(point: str) -> None:
+        if point == "before_write" and threading.current_thread() is first.thread and not failed:
+            failed.append(point)
+            raise RuntimeError("the store failed")
+
+    manager = make_manager(database_url, faults=fail_first_claim_write)
+    manager.look_again_seconds = 60
+    first, second = Poll(manager, "w-1", "process"), Poll(manager, "w-2", "process")
+
+    manager.enqueue(new("j-1"))
+
+    first.thread.join(10)
+    assert isinstance(first.error, RuntimeError) and failed == ["before_write"]
     assert second.answered() == ["j-1"]
 
 
