@@ -38,6 +38,9 @@ ENDED_MEMORY = 65_536
 ANY = ""  # the index of items that name no worker type
 Key = tuple[int, int, str]  # (-priority, seq, job_id): highest priority, then FIFO
 LabelSet = tuple[tuple[str, str], ...]  # the labels an item requires, sorted
+# What decides who may claim an item: the worker types it accepts (empty = any) and the
+# labels it requires.
+Kind = tuple[tuple[str, ...], LabelSet]
 
 
 def satisfies(required: LabelSet, labels: dict[str, str]) -> bool:
@@ -61,6 +64,10 @@ class Entry:
     @property
     def key(self) -> Key:
         return (-self.priority, self.seq, self.job_id)
+
+    @property
+    def kind(self) -> Kind:
+        return (self.worker_types, self.labels)
 
     @classmethod
     def of(cls, item: Item) -> Entry:
@@ -208,12 +215,20 @@ class ItemCache:
             }
             return ready | delayed
 
-    def has_ready(self, kind: tuple[tuple[str, ...], LabelSet]) -> bool:
-        """Whether an item that accepts these worker types (empty = any) and requires
-        these labels can be claimed now."""
+    def ready_kinds(self, kind: Kind, now: float) -> list[Kind]:
+        """Of the index parts an item of ``kind`` goes in (one per worker type it accepts,
+        or the any-type part), those holding an item claimable by ``now``, each as the
+        kind of worker that can take from it: ((type,), labels), or ((), labels). Items
+        due by ``now`` count (a release or redrive sets run_at to its own now, later than
+        any time the index has seen: they wait in the delayed heap until promoted)."""
         worker_types, labels = kind
         with self._lock:
-            return any(self._ready.get(t, {}).get(labels) for t in worker_types or (ANY,))
+            self._promote(now)
+            return [
+                ((t,) if t != ANY else (), labels)
+                for t in worker_types or (ANY,)
+                if self._ready.get(t, {}).get(labels)
+            ]
 
     def ready_count(self) -> int:
         with self._lock:

@@ -106,7 +106,8 @@ class QueueManager:
             cache = ItemCache()
             cache.load_entries(store.live_entries(), clock.timestamp())
         self.cache = cache
-        self.waiters = Waiters(cache.has_ready)  # long polls, woken for items they may take
+        # Long polls, woken for items they may take.
+        self.waiters = Waiters(lambda kind: cache.ready_kinds(kind, clock.timestamp()))
         # How often a long poll looks again unwoken (other replicas' items, delayed ones).
         self.look_again_seconds = 0.5
         # Enqueue order (FIFO within a priority): the clock in microseconds, but never
@@ -263,11 +264,22 @@ class QueueManager:
         alive): a worker that died in a long poll must not be handed items it will never
         run, and leases made as it went are given back at once, the attempt not counted."""
         args = _ClaimArgs(worker_id, worker_type, labels, max_items, lease_seconds, named_only)
+        leases = self._claim_waiting(args, wait_seconds, caller_waiting)
+        if leases and not caller_waiting():
+            # Given back once the poll is no longer registered, so they wake another.
+            self._give_back(leases, "the claiming worker went away before the answer")
+            return []
+        return leases
+
+    def _claim_waiting(
+        self, args: _ClaimArgs, wait_seconds: float, caller_waiting: Callable[[], bool]
+    ) -> list[Lease]:
+        worker_id, worker_type, labels = args.worker_id, args.worker_type, args.labels
         deadline = self.clock.monotonic() + wait_seconds
         # A long poll is registered across its attempts and waits, so an item announced
         # between an attempt and the wait is not missed.
         registration = (
-            self.waiters.waiting(worker_type, labels, named_only, max_items)
+            self.waiters.waiting(worker_type, labels, args.named_only, args.max_items)
             if wait_seconds > 0
             else nullcontext(None)
         )
@@ -289,9 +301,6 @@ class QueueManager:
                     if offered:  # what it was woken for and left goes to others
                         assert waiter is not None
                         self.waiters.hand_on(offered, waiter)
-                if leases and not caller_waiting():
-                    self._give_back(leases, "the claiming worker went away before the answer")
-                    return []
                 remaining = deadline - self.clock.monotonic()
                 if leases or remaining <= 0 or self._stop.is_set():
                     return leases
@@ -316,19 +325,22 @@ class QueueManager:
         elsewhere)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
-        looked: set[tuple[str, bool]] = set()  # the store reads made for this batch
+        # The store is read at most once per batch and worker type, for the most any of
+        # the batch's claims of that type may take (a second read would find what the
+        # first loaded).
+        limits: dict[tuple[str, bool], int] = {}
+        for c in claims:
+            key = (c.worker_type, c.named_only)
+            limits[key] = max(limits.get(key, 0), 4 * c.max_items, 64)
         try:
             for c in claims:
                 staged = self.cache.stage_claim(
                     c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
                 )
-                if not staged and (c.worker_type, c.named_only) not in looked:
-                    # Nothing here: pick up what another replica enqueued, then look again
-                    # (once per batch: a second read would find what the first loaded).
-                    looked.add((c.worker_type, c.named_only))
-                    waiting = self.store.waiting(
-                        c.worker_type, now, max(4 * c.max_items, 64), c.named_only
-                    )
+                if not staged and (c.worker_type, c.named_only) in limits:
+                    # Nothing here: pick up what another replica enqueued, then look again.
+                    limit = limits.pop((c.worker_type, c.named_only))
+                    waiting = self.store.waiting(c.worker_type, now, limit, c.named_only)
                     self.cache.load(waiting)
                     staged = self.cache.stage_claim(
                         c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
@@ -336,9 +348,10 @@ class QueueManager:
                 staged_by_claim.append(staged)
         except BaseException:
             # A later claim's read failed: what the earlier ones took goes back.
-            for staged in staged_by_claim:
-                for entry in staged:
-                    self.cache.rollback(entry)
+            taken = [entry for staged in staged_by_claim for entry in staged]
+            for entry in taken:
+                self.cache.rollback(entry)
+            self._put_back(taken)
             raise
         every = [entry for staged in staged_by_claim for entry in staged]
         if not every:
@@ -369,8 +382,9 @@ class QueueManager:
             for entry in every:
                 self.cache.rollback(entry)
             self.refresh([entry.job_id for entry in every])
+            self._put_back(every)
             raise
-        conflicts = []
+        conflicts, put_back = [], []
         for c, staged in zip(claims, staged_by_claim, strict=True):
             for entry in staged:
                 item = leased.get(entry.job_id)
@@ -378,18 +392,13 @@ class QueueManager:
                     self.cache.commit(entry, item)
                     continue
                 self.cache.rollback(entry)
+                put_back.append(entry)
                 if c.worker_id not in refused:
                     conflicts.append(entry.job_id)
         self.refresh(conflicts)
         for worker_id in refused:
             self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
-        if refused:  # what it had staged is claimable again: wake the polls that may take it
-            self.waiters.claimable(
-                (e.worker_types, e.labels)
-                for c, staged in zip(claims, staged_by_claim, strict=True)
-                if c.worker_id in refused
-                for e in staged
-            )
+        self._put_back(put_back)
         results: list[tuple[list[Lease], bool]] = []
         for c, staged in zip(claims, staged_by_claim, strict=True):
             if c.worker_id in refused:
@@ -403,6 +412,15 @@ class QueueManager:
                     leases.append(Lease(item, item.lease_token, item.lease_deadline))
             results.append((leases, len(leases) < len(staged)))
         return results
+
+    def _put_back(self, entries: list[Entry]) -> None:
+        """Staged entries went back to the index (a refused claim, a conflict, a failed
+        write): wake the polls that may take those of them that are claimable."""
+        if not entries:
+            return
+        now = self.clock.timestamp()
+        ready = {kind: self.cache.ready_kinds(kind, now) for kind in {e.kind for e in entries}}
+        self.waiters.claimable(k for e in entries for k in ready[e.kind])
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
         """Record that the worker was seen. A worker claiming in a loop is written at most

@@ -21,12 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from services.queue.cache import LabelSet, satisfies
+from services.queue.cache import Kind, satisfies
 from services.queue.domain import Item
-
-# What decides who may claim an item: the worker types it accepts (empty = any) and the
-# labels it requires.
-Kind = tuple[tuple[str, ...], LabelSet]
 
 
 def kind_of(item: Item) -> Kind:
@@ -61,12 +57,16 @@ class Waiter:
 
 
 class Waiters:
-    def __init__(self, still_claimable: Callable[[Kind], bool]) -> None:
-        """``still_claimable(kind)``: whether the index holds a claimable item of that
-        kind (for the hand-on of what a woken poll left)."""
+    def __init__(self, ready_kinds: Callable[[Kind], list[Kind]]) -> None:
+        """``ready_kinds(kind)``: where the index still holds a claimable item of that kind,
+        as narrower kinds (ItemCache.ready_kinds): what a woken poll left is handed only
+        to polls that can take from where it is. An item that two worker types accept,
+        handed on because another item of that kind waits in the other type's part,
+        must not wake polls of the first type, which would find nothing and hand it on
+        to each other for as long as that item waits."""
         self._lock = threading.Lock()
         self._waiting: dict[Waiter, None] = {}  # an ordered set: longest waiting first
-        self._still_claimable = still_claimable
+        self._ready_kinds = ready_kinds
 
     @contextmanager
     def waiting(
@@ -95,7 +95,7 @@ class Waiters:
 
     def hand_on(self, offered: list[Kind], by: Waiter) -> None:
         """``by`` tried (or left) what it was woken for: wake others for what is left."""
-        left = [kind for kind in set(offered) if self._still_claimable(kind)]
+        left = [ready for kind in set(offered) for ready in self._ready_kinds(kind)]
         if left:
             self.claimable(left, but=by)
 

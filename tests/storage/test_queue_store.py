@@ -13,7 +13,7 @@ from sqlalchemy import text
 from services.common import db
 from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
-from services.queue.manager import NewItem, QueueManager, _ClaimArgs
+from services.queue.manager import Lease, NewItem, QueueManager, _ClaimArgs
 from tests.storage.queue_support import SteppedClock, make_manager, new
 
 
@@ -186,6 +186,19 @@ def test_a_drain_committed_while_another_replica_reaps_the_worker_holds(
     assert a.claim("w-1", "process", {}, 1, 30) == []  # heard from again, still drained
 
 
+def count_attempts(manager: QueueManager) -> Counter[str]:
+    """Claim attempts by worker id from now on (every poll's turn makes one)."""
+    attempts: Counter[str] = Counter()
+    claim_once = manager._claim_once
+
+    def counted(args: _ClaimArgs) -> list[Lease]:
+        attempts[args.worker_id] += 1
+        return claim_once(args)
+
+    manager._claim_once = counted  # type: ignore[method-assign]
+    return attempts
+
+
 class Poll:
     """A worker's long poll in a thread of its own."""
 
@@ -217,12 +230,14 @@ def test_an_enqueue_wakes_a_waiting_poll_that_may_take_it(database_url: str) -> 
     manager = make_manager(database_url)
     manager.look_again_seconds = 60  # only a wake can answer the polls within the test
     vm, process = Poll(manager, "w-vm", "vm"), Poll(manager, "w-p", "process")
+    attempts = count_attempts(manager)
 
     manager.enqueue(new("j-process", worker_types=("process",)))
     assert process.answered() == ["j-process"]
-    assert vm.thread.is_alive()  # not its kind: still waiting
+    assert attempts == {"w-p": 1}  # the vm poll was not woken: not its kind
     manager.enqueue(new("j-vm", worker_types=("vm",)))
     assert vm.answered() == ["j-vm"]
+    assert attempts == {"w-p": 1, "w-vm": 1}
 
 
 def test_a_woken_poll_that_cannot_claim_hands_the_item_on(database_url: str) -> None:
@@ -238,6 +253,124 @@ def test_a_woken_poll_that_cannot_claim_hands_the_item_on(database_url: str) -> 
 
     assert first.answered() == []
     assert second.answered() == ["j-1"]
+
+
+def test_an_item_two_types_accept_wakes_no_poll_that_cannot_take_the_rest(
+    database_url: str,
+) -> None:
+    """A vm-only item waits (no vm worker polls). An item that vm and process workers
+    accept wakes a process poll, which takes it; what it hands on must not wake the other
+    process polls for the vm-only item (they would find nothing and hand it on to each
+    other for as long as it waits)."""
+    manager = make_manager(database_url)
+    manager.look_again_seconds = 60
+    manager.enqueue(new("vm-only", worker_types=("vm",)))
+    polls = [Poll(manager, f"w-{n}", "process") for n in range(3)]
+    attempts = count_attempts(manager)
+
+    manager.enqueue(new("either", worker_types=("vm", "process")))
+
+    assert polls[0].answered() == ["either"]
+    time.sleep(0.5)  # a ping-pong makes thousands of attempts in this time
+    assert attempts == {"w-0": 1}
+
+
+def test_a_released_item_goes_on_to_the_next_poll_if_the_woken_one_cannot_claim(
+    database_url: str,
+) -> None:
+    manager = make_manager(database_url)
+    manager.look_again_seconds = 60
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w-0", "process", {}, 1, 30)
+    manager.register_worker("w-1", "process", {}, 1)
+    first, second = Poll(manager, "w-1", "process"), Poll(manager, "w-2", "process")
+    manager.drain_worker("w-1")
+
+    manager.release(lease.token, "given back")  # run_at is the release's own now
+
+    assert first.answered() == []
+    assert second.answered() == ["j-1"]
+
+
+def test_an_item_given_back_by_a_poll_whose_worker_went_away_reaches_another(
+    database_url: str,
+) -> None:
+    manager = make_manager(database_url)
+    manager.look_again_seconds = 60
+    gone = threading.Event()
+    answer: list[list[Lease]] = []
+
+    def poll_of_a_worker_that_goes() -> None:
+        def alive() -> bool:
+            return not gone.is_set()
+
+        answer.append(manager.claim("w-1", "process", {}, 1, 30, 30, caller_waiting=alive))
+
+    leaving = threading.Thread(target=poll_of_a_worker_that_goes, daemon=True)
+    leaving.start()
+    while manager.waiters.asleep() < 1:
+        time.sleep(0.01)
+    second = Poll(manager, "w-2", "process")
+    claim_once = manager._claim_once
+
+    def worker_goes_as_it_gets_the_item(args: _ClaimArgs) -> list[Lease]:
+        leases = claim_once(args)
+        if args.worker_id == "w-1" and leases:
+            gone.set()
+        return leases
+
+    manager._claim_once = worker_goes_as_it_gets_the_item  # type: ignore[method-assign]
+
+    manager.enqueue(new("j-1"))
+
+    leaving.join(10)
+    assert answer == [[]]
+    assert second.answered() == ["j-1"]
+
+
+def test_what_a_refused_claim_put_back_wakes_a_poll_of_the_same_batch(database_url: str) -> None:
+    """Claims C and P share a batch. C's worker was drained through replica B (A still
+    remembers it as not drained): C takes j-1, P finds nothing, then C is refused. P must
+    be woken for j-1, not sleep until its next look."""
+    leading, go = threading.Event(), threading.Event()
+
+    def hold_the_first_batch(point: str) -> None:
+        if point == "before_write" and threading.current_thread().name == "leader":
+            leading.set()
+            go.wait(10)
+
+    a = make_manager(database_url, faults=hold_the_first_batch)
+    b = make_manager(database_url)
+    a.look_again_seconds = 60
+    a.enqueue_many([new("j-0"), new("j-1")])
+    for worker_id in ("w-c", "w-p"):  # seen just now: their claims write no worker row
+        a.register_worker(worker_id, "process", {}, 1)
+    b.drain_worker("w-c")
+
+    def claim(worker_id: str, wait: float, into: list[list[Lease]]) -> None:
+        into.append(a.claim(worker_id, "process", {}, 1, 30, wait_seconds=wait))
+
+    got: dict[str, list[list[Lease]]] = {"leader": [], "w-c": [], "w-p": []}
+    threads = [
+        threading.Thread(target=claim, args=("w-l", 0, got["leader"]), name="leader"),
+        threading.Thread(target=claim, args=("w-c", 0, got["w-c"])),
+        threading.Thread(target=claim, args=("w-p", 30, got["w-p"])),
+    ]
+    threads[0].start()
+    assert leading.wait(10)  # the leader's batch holds j-0, before its write
+    for thread, queued in zip(threads[1:], (1, 2), strict=True):
+        thread.start()
+        deadline = time.monotonic() + 10
+        while len(a._claims._waiting) < queued:  # in this order, for the next batch
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    go.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert [[lease.item.job_id for lease in leases] for leases in got["leader"]] == [["j-0"]]
+    assert got["w-c"] == [[]]
+    assert [[lease.item.job_id for lease in leases] for leases in got["w-p"]] == [["j-1"]]
 
 
 def test_a_woken_poll_whose_claim_fails_hands_the_item_on(database_url: str) -> None:

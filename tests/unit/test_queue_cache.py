@@ -189,3 +189,23 @@ def test_named_only_claims_skip_items_that_accept_any_worker() -> None:
     staged = cache.stage_claim("vm", {}, 5, NOW, named_only=True)
     assert [e.job_id for e in staged] == ["vm-job"]
     assert claim_ids(cache, 5) == ["plain"]
+
+
+def test_ready_kinds_says_which_parts_hold_a_claimable_item_of_a_kind() -> None:
+    cache = ItemCache()
+    cache.stage_claim("process", {}, 1, NOW)  # the cache has seen time NOW
+    gpu = (("gpu", "yes"),)
+    cache.load(
+        [
+            item("vm-gpu", seq=1, worker_types=("vm",), labels={"gpu": "yes"}),
+            item("any", seq=2),
+            item("later", seq=3, worker_types=("process",), run_at=T0 + timedelta(hours=1)),
+        ]
+    )
+    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == [(("vm",), gpu)]
+    assert cache.ready_kinds(((), ()), NOW) == [((), ())]
+    assert cache.ready_kinds((("process",), ()), NOW) == []
+    later = (T0 + timedelta(hours=2)).timestamp()  # due by then: counted, and promoted
+    assert cache.ready_kinds((("process",), ()), later) == [(("process",), ())]
+    assert claim_ids(cache, 5, "vm", {"gpu": "yes"}) == ["vm-gpu", "any"]
+    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == []

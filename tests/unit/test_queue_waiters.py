@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-from services.queue.waiters import Kind, Waiter, Waiters
+from services.queue.cache import Kind
+from services.queue.waiters import Waiter, Waiters
 
 ANY: Kind = ((), ())
 VM: Kind = (("vm",), ())
@@ -17,7 +18,7 @@ def woken(*waiters: Waiter) -> list[bool]:
 
 
 def test_an_item_wakes_one_poll_that_may_take_it_longest_waiting_first() -> None:
-    waiters = Waiters(lambda kind: True)
+    waiters = Waiters(lambda kind: [kind])
     with ExitStack() as polls:
         first = polls.enter_context(waiters.waiting("process", {}, False))
         second = polls.enter_context(waiters.waiting("process", {}, False))
@@ -36,7 +37,7 @@ def test_an_item_wakes_one_poll_that_may_take_it_longest_waiting_first() -> None
 
 
 def test_each_poll_counts_for_its_max_items() -> None:
-    waiters = Waiters(lambda kind: True)
+    waiters = Waiters(lambda kind: [kind])
     with ExitStack() as polls:
         a = polls.enter_context(waiters.waiting("process", {}, False, max_items=4))
         b = polls.enter_context(waiters.waiting("process", {}, False, max_items=4))
@@ -48,7 +49,7 @@ def test_each_poll_counts_for_its_max_items() -> None:
 
 
 def test_a_named_only_poll_is_not_woken_for_items_any_type_may_take() -> None:
-    waiters = Waiters(lambda kind: True)
+    waiters = Waiters(lambda kind: [kind])
     with waiters.waiting("vm", {}, True) as named:
         waiters.claimable([ANY])
         assert not named.woken.is_set()
@@ -58,7 +59,7 @@ def test_a_named_only_poll_is_not_woken_for_items_any_type_may_take() -> None:
 
 def test_what_a_woken_poll_left_is_handed_on_while_it_can_be_claimed() -> None:
     claimable = {ANY}
-    waiters = Waiters(lambda kind: kind in claimable)
+    waiters = Waiters(lambda kind: [kind] if kind in claimable else [])
     with ExitStack() as polls:
         first = polls.enter_context(waiters.waiting("process", {}, False))
         second = polls.enter_context(waiters.waiting("process", {}, False))
@@ -74,7 +75,7 @@ def test_what_a_woken_poll_left_is_handed_on_while_it_can_be_claimed() -> None:
 
 
 def test_a_woken_poll_that_leaves_hands_on_what_it_was_woken_for() -> None:
-    waiters = Waiters(lambda kind: True)
+    waiters = Waiters(lambda kind: [kind])
     with waiters.waiting("process", {}, False) as stays:
         with waiters.waiting("process", {}, False, max_items=2) as goes:
             waiters.claimable([ANY, ANY])  # `stays` (longest waiting) and `goes`
