@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO
 
 import grpc
 import pytest
@@ -18,6 +20,15 @@ from tests.deployment import ROOT
 from tests.grpc.conftest import Stack, eventually, spec
 
 THREADS = {"JOBS_GRPC_THREADS": "8"}  # 4 may wait
+
+
+def read_line(stream: IO[str], seconds: float = 30) -> str:
+    """A line from a child's pipe; a TimeoutError after ``seconds`` rather than a hang."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(stream.readline).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)  # the child is killed on failure: its pipe then ends
 
 
 def plain_stub(stack: Stack) -> jpb_grpc.JobServiceStub:
@@ -87,13 +98,13 @@ def test_blixctl_watch_waits_for_a_slot_then_follows_the_job(
     )
     try:
         assert watch.stderr is not None
-        note = watch.stderr.readline()  # blocks until blixctl says it waits
+        note = read_line(watch.stderr)  # once blixctl says it waits
         assert note.startswith("blixctl: all 4 slots for watch and follow streams are taken")
         assert note.rstrip().endswith("raise JOBS_GRPC_THREADS; waiting for one")
 
         streams[0].cancel()  # type: ignore[union-attr]
         assert watch.stdout is not None
-        first = watch.stdout.readline()  # blixctl took the freed slot: the job's state
+        first = read_line(watch.stdout)  # blixctl took the freed slot: the job's state
         assert first.rstrip().endswith(("PENDING", "QUEUED")), first
         stub.CancelJob(jpb.CancelJobRequest(job_id=job_id, reason="test"), timeout=10)
         out, err = watch.communicate(timeout=30)
