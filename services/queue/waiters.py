@@ -74,7 +74,8 @@ class Waiters:
     ) -> Iterator[Waiter]:
         """Register a poll for the ``with`` block: across its claim attempts and waits,
         so nothing announced between an attempt and the wait is missed. Before each
-        attempt the poll calls ``attempting``, after it ``attempted``."""
+        attempt the poll calls ``attempting``; after it, ``hand_on`` with what that
+        returned. On leaving, what it was woken for since is handed on."""
         waiter = Waiter(worker_type, labels, named_only, max(1, max_items))
         with self._lock:
             self._waiting[waiter] = None
