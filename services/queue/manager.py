@@ -345,6 +345,17 @@ class QueueManager:
                     staged = self.cache.stage_claim(
                         c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
                     )
+                    if not staged and len(waiting) == limit:
+                        # A full page of items requiring labels this worker lacks may hide
+                        # ones requiring none behind it.
+                        self.cache.load(
+                            self.store.waiting(
+                                c.worker_type, now, limit, c.named_only, unlabelled=True
+                            )
+                        )
+                        staged = self.cache.stage_claim(
+                            c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
+                        )
                 staged_by_claim.append(staged)
         except BaseException:
             # A later claim's read failed: what the earlier ones took goes back.

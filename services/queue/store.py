@@ -75,6 +75,7 @@ _WAITING = (
     .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
     .limit(bindparam("limit"))
 )
+_WAITING_UNLABELLED = _WAITING.where(ITEMS.c.labels == "{}")  # items requiring no label
 _BY_TOKENS = (
     select(*ITEM_COLUMNS)
     .where(ITEMS.c.lease_token.in_(bindparam("keys", expanding=True)))
@@ -342,18 +343,25 @@ class QueueStore:
             after = rows[-1].job_id
 
     def waiting(
-        self, worker_type: str, now: datetime, limit: int, named_only: bool = False
+        self,
+        worker_type: str,
+        now: datetime,
+        limit: int,
+        named_only: bool = False,
+        *,
+        unlabelled: bool = False,
     ) -> list[Item]:
-        """The best waiting items for a worker type, read without locks (to pick up what
-        another replica enqueued)."""
+        """The best waiting items for a worker type (``unlabelled``: of those requiring no
+        label), read without locks (to pick up what another replica enqueued)."""
         params = {
             "now": now,
             "any": None if named_only else "",
             "tag": f",{worker_type},",
             "limit": limit,
         }
+        query = _WAITING_UNLABELLED if unlabelled else _WAITING
         with self._reader.connect() as connection:
-            return [_item(row) for row in connection.execute(_WAITING, params)]
+            return [_item(row) for row in connection.execute(query, params)]
 
     def get(self, job_id: str) -> Item | None:
         with self._reads() as session:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -390,6 +391,23 @@ def test_a_woken_poll_whose_claim_fails_hands_the_item_on(database_url: str) -> 
     first.thread.join(10)
     assert isinstance(first.error, RuntimeError) and failed == ["before_write"]
     assert second.answered() == ["j-1"]
+
+
+def test_a_replica_finds_another_replicas_item_behind_a_page_of_labelled_ones(
+    database_url: str,
+) -> None:
+    """Replica A's index is empty; B enqueued 100 GPU jobs ahead of a plain one. A worker
+    without the label, claiming through A, gets the plain one now, not at A's next
+    reconciliation."""
+    a, b = make_manager(database_url), make_manager(database_url)
+    gpu = [replace(new(f"gpu-{n:03d}", priority=5), labels={"gpu": "yes"}) for n in range(100)]
+    b.enqueue_many([*gpu, new("plain")])
+
+    [lease] = a.claim("w-1", "process", {}, 1, 30)
+
+    assert lease.item.job_id == "plain"
+    [first_gpu] = a.claim("w-2", "process", {"gpu": "yes"}, 1, 30)
+    assert first_gpu.item.job_id == "gpu-000"
 
 
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
