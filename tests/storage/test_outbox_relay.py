@@ -68,11 +68,12 @@ def test_a_delivered_batch_is_deleted_in_one_call(outbox: SqlOutbox) -> None:
 
 def test_the_first_failure_waits_and_the_rest_go_again(outbox: SqlOutbox) -> None:
     relay, _ = relay_with(outbox, lambda ms: [None, None, Transient("down"), None, None])
+    before = Clock().now()  # the postponed one is due only after its backoff (>= 0.1 s)
 
     relay.run_once()
 
     assert left(outbox) == [2, 3, 4]
-    assert [m.payload["n"] for m in outbox.due(Clock().now(), 100)] == [3, 4]  # 2 backs off
+    assert [m.payload["n"] for m in outbox.due(before, 100)] == [3, 4]  # 2 backs off
     [waiting] = [m for m in outbox.due(Clock().now() + timedelta(days=1), 1)]
     assert waiting.attempts == 1
 
@@ -82,11 +83,12 @@ def test_a_failed_call_delivers_nothing(outbox: SqlOutbox) -> None:
         raise Transient("the jobs service is down")
 
     relay, _ = relay_with(outbox, down)
+    before = Clock().now()  # the postponed one is due only after its backoff (>= 0.1 s)
 
     relay.run_once()
 
     assert left(outbox) == [0, 1, 2, 3, 4]
-    assert [m.payload["n"] for m in outbox.due(Clock().now(), 100)] == [1, 2, 3, 4]
+    assert [m.payload["n"] for m in outbox.due(before, 100)] == [1, 2, 3, 4]
 
 
 def test_an_answer_of_the_wrong_length_delivers_nothing(outbox: SqlOutbox) -> None:
