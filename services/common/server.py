@@ -59,15 +59,21 @@ class WaitSlots:
             if taken:
                 self._free.release()
 
-    def refusal(self, what: str) -> ResourceExhausted:
-        """The error for a waiting call that found no slot (RetryInfo: ask again in 1 s)."""
-        return ResourceExhausted(
-            f"all {self.limit} slots for {what} are taken (three quarters of "
-            f"{self.setting}={self.threads}); try again shortly, or raise {self.setting}",
-            reason="TOO_MANY_WAITING_CALLS",
-            metadata={"limit": str(self.limit), "setting": self.setting},
-            retry_after=1.0,
-        )
+    @contextmanager
+    def held_or_refused(self, what: str) -> Iterator[None]:
+        """Hold a slot for the ``with`` block, or refuse the call at once: RESOURCE_EXHAUSTED
+        naming the setting (RetryInfo: ask again in 1 s)."""
+        with self.hold() as held:
+            if not held:
+                raise ResourceExhausted(
+                    f"all {self.limit} slots for {what} are taken (three quarters of "
+                    f"{self.setting}={self.threads}); try again shortly, or raise "
+                    f"{self.setting}",
+                    reason="TOO_MANY_WAITING_CALLS",
+                    metadata={"limit": str(self.limit), "setting": self.setting},
+                    retry_after=1.0,
+                )
+            yield
 
 
 @dataclass

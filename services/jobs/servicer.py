@@ -45,6 +45,7 @@ MAX_REQUEST_ID = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 WATCH_POLL_SECONDS = 1.0
+STREAMS = "watch and follow streams"  # what holds the waiting slots, in the refusal
 MAX_OUTPUT_CHUNK = 64 * 1024
 MAX_OUTPUT_OFFSET = 2**62
 
@@ -192,9 +193,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         problems = Problems()
         _check_job_id(request.job_id, problems)
         problems.raise_if_any()
-        with self._waits.hold() as held:
-            if not held:
-                raise self._waits.refusal("watch and follow streams")
+        with self._waits.held_or_refused(STREAMS):
             yield from self._watch(request, context)
 
     def _watch(
@@ -265,9 +264,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         problems = Problems()
         _check_job_id(request.job_id, problems)
         problems.raise_if_any()
-        with self._waits.hold() if request.follow else nullcontext(True) as held:
-            if not held:
-                raise self._waits.refusal("watch and follow streams")
+        with self._waits.held_or_refused(STREAMS) if request.follow else nullcontext():
             yield from self._output(request, context)
 
     def _output(
