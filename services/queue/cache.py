@@ -215,20 +215,18 @@ class ItemCache:
             }
             return ready | delayed
 
-    def ready_kinds(self, kind: Kind, now: float) -> list[Kind]:
+    def ready_kinds(self, kind: Kind, now: float) -> list[tuple[Kind, int]]:
         """Of the index parts an item of ``kind`` goes in (one per worker type it accepts,
         or the any-type part), those holding an item claimable by ``now``, each as the
-        kind of worker that can take from it: ((type,), labels), or ((), labels). Items
-        due by ``now`` count (a release or redrive sets run_at to its own now, later than
-        any time the index has seen: they wait in the delayed heap until promoted)."""
+        kind of worker that can take from it, ((type,), labels) or ((), labels), with how
+        many claimable items it holds. Items due by ``now`` count (a release or redrive
+        sets run_at to its own now, later than any time the index has seen: they wait in
+        the delayed heap until promoted)."""
         worker_types, labels = kind
         with self._lock:
             self._promote(now)
-            return [
-                ((t,) if t != ANY else (), labels)
-                for t in worker_types or (ANY,)
-                if self._ready.get(t, {}).get(labels)
-            ]
+            parts = ((t, self._ready.get(t, {}).get(labels)) for t in worker_types or (ANY,))
+            return [(((t,) if t != ANY else (), labels), len(keys)) for t, keys in parts if keys]
 
     def ready_count(self) -> int:
         with self._lock:

@@ -431,7 +431,7 @@ class QueueManager:
             return
         now = self.clock.timestamp()
         ready = {kind: self.cache.ready_kinds(kind, now) for kind in {e.kind for e in entries}}
-        self.waiters.claimable(k for e in entries for k in ready[e.kind])
+        self.waiters.claimable(k for e in entries for k, _ in ready[e.kind])
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
         """Record that the worker was seen. A worker claiming in a loop is written at most

@@ -7,8 +7,8 @@ fleet is not woken whole by every enqueue (with a hundred polls that cost each e
 10 ms of the service's CPU, and all but one found nothing).
 
 A woken poll that leaves items it was woken for unclaimed (it took others, or went away)
-hands them on: if the index still holds such an item, the next poll that may take it is
-woken. So no item waits while a poll that could take it sleeps. What no local change
+hands them on: as many of them as the index still holds wake the next polls that may take
+them. So no item waits while a poll that could take it sleeps. What no local change
 announces (another replica's enqueue, a delayed item whose time comes) the polls find by
 looking again now and then.
 """
@@ -36,7 +36,8 @@ class Waiter:
     named_only: bool  # only items that name its worker type
     max_items: int
     woken: threading.Event = field(default_factory=threading.Event)
-    offered: list[Kind] = field(default_factory=list)  # what it was woken for, not yet tried
+    # What it was woken for and has not yet tried: an entry per item it was counted for.
+    offered: list[Kind] = field(default_factory=list)
     asleep: bool = False  # in ``wait``
 
     def may_take(self, kind: Kind) -> bool:
@@ -57,10 +58,11 @@ class Waiter:
 
 
 class Waiters:
-    def __init__(self, ready_kinds: Callable[[Kind], list[Kind]]) -> None:
-        """``ready_kinds(kind)``: where the index still holds a claimable item of that kind,
-        as narrower kinds (ItemCache.ready_kinds): what a woken poll left is handed only
-        to polls that can take from where it is. An item that two worker types accept,
+    def __init__(self, ready_kinds: Callable[[Kind], list[tuple[Kind, int]]]) -> None:
+        """``ready_kinds(kind)``: where the index still holds claimable items of that kind,
+        as narrower kinds, and how many (ItemCache.ready_kinds): what a woken poll left is
+        handed only to polls that can take from where it is, and to no more of them than
+        there are items. An item that two worker types accept,
         handed on because another item of that kind waits in the other type's part,
         must not wake polls of the first type, which would find nothing and hand it on
         to each other for as long as that item waits."""
@@ -95,8 +97,14 @@ class Waiters:
             return offered
 
     def hand_on(self, offered: list[Kind], by: Waiter) -> None:
-        """``by`` tried (or left) what it was woken for: wake others for what is left."""
-        left = [ready for kind in set(offered) for ready in self._ready_kinds(kind)]
+        """``by`` tried (or left) what it was woken for (an entry per item): wake others
+        for what is left."""
+        left = [
+            ready
+            for kind, count in Counter(offered).items()
+            for ready, held in self._ready_kinds(kind)
+            for _ in range(min(count, held))
+        ]
         if left:
             self.claimable(left, but=by)
 
@@ -114,7 +122,7 @@ class Waiters:
                         break
                     if waiter is but or waiter.woken.is_set() or not waiter.may_take(kind):
                         continue
-                    waiter.offered.append(kind)
+                    waiter.offered.extend([kind] * min(count, waiter.max_items))
                     waiter.woken.set()
                     count -= waiter.max_items
 

@@ -202,10 +202,10 @@ def test_ready_kinds_says_which_parts_hold_a_claimable_item_of_a_kind() -> None:
             item("later", seq=3, worker_types=("process",), run_at=T0 + timedelta(hours=1)),
         ]
     )
-    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == [(("vm",), gpu)]
-    assert cache.ready_kinds(((), ()), NOW) == [((), ())]
+    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == [((("vm",), gpu), 1)]
+    assert cache.ready_kinds(((), ()), NOW) == [(((), ()), 1)]
     assert cache.ready_kinds((("process",), ()), NOW) == []
     later = (T0 + timedelta(hours=2)).timestamp()  # due by then: counted, and promoted
-    assert cache.ready_kinds((("process",), ()), later) == [(("process",), ())]
+    assert cache.ready_kinds((("process",), ()), later) == [((("process",), ()), 1)]
     assert claim_ids(cache, 5, "vm", {"gpu": "yes"}) == ["vm-gpu", "any"]
     assert cache.ready_kinds((("vm", "process"), gpu), NOW) == []
