@@ -347,10 +347,10 @@ class QueueManager:
                     )
                     if not staged and len(waiting) == limit:
                         # A full page of items requiring labels this worker lacks may hide
-                        # ones requiring none behind it.
+                        # ones it may take behind it.
                         self.cache.load(
                             self.store.waiting(
-                                c.worker_type, now, limit, c.named_only, unlabelled=True
+                                c.worker_type, now, limit, c.named_only, carried=c.labels
                             )
                         )
                         staged = self.cache.stage_claim(

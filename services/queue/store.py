@@ -10,7 +10,18 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import sessionmaker
 
@@ -75,7 +86,23 @@ _WAITING = (
     .order_by(ITEMS.c.priority.desc(), ITEMS.c.seq, ITEMS.c.job_id)
     .limit(bindparam("limit"))
 )
-_WAITING_UNLABELLED = _WAITING.where(ITEMS.c.labels == "{}")  # items requiring no label
+# Of those, the items whose required labels (a JSON object) are all among ``carried``, the
+# worker's (a JSON object too): in SQL, so a page of items requiring labels the worker
+# lacks cannot hide one it may take.
+_WAITING_CARRIED = {
+    "postgresql": _WAITING.where(
+        text("CAST(items.labels AS jsonb) <@ CAST(:carried AS jsonb)").bindparams(
+            bindparam("carried")
+        )
+    ),
+    "sqlite": _WAITING.where(
+        text(
+            "NOT EXISTS (SELECT 1 FROM json_each(items.labels) AS required WHERE NOT EXISTS "
+            "(SELECT 1 FROM json_each(:carried) AS has "
+            "WHERE has.key = required.key AND has.value = required.value))"
+        ).bindparams(bindparam("carried"))
+    ),
+}
 _BY_TOKENS = (
     select(*ITEM_COLUMNS)
     .where(ITEMS.c.lease_token.in_(bindparam("keys", expanding=True)))
@@ -349,17 +376,21 @@ class QueueStore:
         limit: int,
         named_only: bool = False,
         *,
-        unlabelled: bool = False,
+        carried: dict[str, str] | None = None,
     ) -> list[Item]:
-        """The best waiting items for a worker type (``unlabelled``: of those requiring no
-        label), read without locks (to pick up what another replica enqueued)."""
-        params = {
+        """The best waiting items for a worker type (``carried``: of those whose required
+        labels are all among these), read without locks (to pick up what another replica
+        enqueued)."""
+        params: dict[str, Any] = {
             "now": now,
             "any": None if named_only else "",
             "tag": f",{worker_type},",
             "limit": limit,
         }
-        query = _WAITING_UNLABELLED if unlabelled else _WAITING
+        query = _WAITING
+        if carried is not None:
+            query = _WAITING_CARRIED[self.engine.dialect.name]
+            params["carried"] = json.dumps(carried)
         with self._reader.connect() as connection:
             return [_item(row) for row in connection.execute(query, params)]
 

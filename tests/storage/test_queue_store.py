@@ -410,6 +410,23 @@ def test_a_replica_finds_another_replicas_item_behind_a_page_of_labelled_ones(
     assert first_gpu.item.job_id == "gpu-000"
 
 
+def test_a_replica_finds_an_item_requiring_some_of_a_workers_labels_behind_others(
+    database_url: str,
+) -> None:
+    """The same with a labelled worker: 100 jobs requiring arch=arm ahead of one requiring
+    gpu=yes, and one requiring a gpu of another kind. The worker carrying gpu=yes and
+    zone=a gets its job through A now; none it may not take."""
+    a, b = make_manager(database_url), make_manager(database_url)
+    arm = [replace(new(f"arm-{n:03d}", priority=5), labels={"arch": "arm"}) for n in range(100)]
+    other_gpu = replace(new("other-gpu", priority=1), labels={"gpu": "no"})
+    its = replace(new("its"), labels={"gpu": "yes"})
+    b.enqueue_many([*arm, other_gpu, its])
+
+    leases = a.claim("w-1", "process", {"gpu": "yes", "zone": "a"}, 5, 30)
+
+    assert [lease.item.job_id for lease in leases] == ["its"]
+
+
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
     """A worker whose long poll outlasts the worker timeout and then gets an item keeps
     it: the reaper that runs next does not release it as a silent worker's."""
