@@ -26,6 +26,7 @@ from services.queue.domain import (
     WorkerState,
 )
 from services.queue.store import QueueStore, Transaction
+from services.queue.timers import Timers
 from services.queue.waiters import Waiters, kind_of
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ class QueueManager:
         self.worker_timeout = worker_timeout
         self._stop = threading.Event()
         self._seen_workers: dict[str, tuple[float, Worker]] = {}
+        # Expiry on this replica's monotonic clock too (see timers.py): by lease token and
+        # by worker id.
+        self._leases = Timers(clock.monotonic)
+        self._workers = Timers(clock.monotonic)
+        self._pruned = clock.monotonic()
         self._claims = Combiner(self._claim_batch, max_batch=32)
         self._completions = Combiner(self._complete_batches, max_batch=32)
         if cache is None:
@@ -401,6 +407,7 @@ class QueueManager:
                 item = leased.get(entry.job_id)
                 if item is not None:
                     self.cache.commit(entry, item)
+                    self._lease_started(item)
                     continue
                 self.cache.rollback(entry)
                 put_back.append(entry)
@@ -443,7 +450,16 @@ class QueueManager:
             return seen[1]
         worker = self._write_worker_seen(worker_id, worker_type, labels)
         self._seen_workers[worker_id] = (now_mono, worker)
+        self._worker_seen(worker)
         return worker
+
+    def _lease_started(self, item: Item) -> None:
+        """This replica granted or extended the lease: it runs out here a lease from now."""
+        assert item.lease_token is not None
+        self._leases.start(item.lease_token, item.lease_deadline, item.lease_seconds)
+
+    def _worker_seen(self, worker: Worker) -> None:
+        self._workers.start(worker.worker_id, worker.last_seen, self.worker_timeout)
 
     def _write_worker_seen(
         self, worker_id: str, worker_type: str, labels: dict[str, str]
@@ -463,6 +479,8 @@ class QueueManager:
     # ---- the lease holder's calls -----------------------------------------------------
 
     def heartbeat(self, token: str, lease_seconds: float | None) -> Item:
+        seen: list[Worker] = []
+
         def work(tx: Transaction) -> Item:
             now = self.clock.now()
             item = domain.check_holder(tx.by_tokens([token]).get(token), token)
@@ -470,12 +488,18 @@ class QueueManager:
             domain.heartbeat(item, lease_seconds, now)
             tx.save(item, version)
             worker = tx.worker(item.worker_id)
+            seen[:] = []
             if worker is not None:
                 worker.seen(now)
                 tx.put_worker(worker)
+                seen.append(worker)
             return item
 
-        return self._write(work, lambda item: [item], [])
+        item = self._write(work, lambda item: [item], [])
+        self._lease_started(item)
+        for worker in seen:
+            self._worker_seen(worker)
+        return item
 
     def complete(
         self, token: str, outcome: Outcome, exit_code: int | None, output_tail: str, error: str
@@ -524,6 +548,7 @@ class QueueManager:
             return results
 
         results = self._write(work, lambda rs: [r for r in rs if isinstance(r, Item)], [])
+        self._leases.forget([c.token for c in completions])
         self._announce([r for r in results if isinstance(r, Item)])  # retries due at once
         return results
 
@@ -537,6 +562,7 @@ class QueueManager:
             return item
 
         item = self._write(work, lambda item: [item], [])
+        self._leases.forget([token])
         self._announce([item])
         return item
 
@@ -619,6 +645,7 @@ class QueueManager:
 
         worker = self._write(work, lambda _: [], [])
         self._seen_workers[worker_id] = (self.clock.monotonic(), worker)
+        self._worker_seen(worker)
         return worker
 
     def drain_worker(self, worker_id: str) -> Worker:
@@ -640,12 +667,23 @@ class QueueManager:
     # ---- the reaper -------------------------------------------------------------------
 
     def reap(self, batch: int = 200) -> int:
-        """Expire leases past their deadline, and release the leases of silent workers."""
+        """Expire leases past their deadline, and release the leases of silent workers:
+        past their time on the wall clock and on this replica's monotonic clock (a wall
+        clock stepped forward must not end every lease at once; see timers.py)."""
+
+        ended: list[str] = []  # the tokens of the leases ended
 
         def work(tx: Transaction) -> list[Item]:
             now = self.clock.now()
             reaped: list[Item] = []
+            ended.clear()
             for item in tx.expired(now, batch):
+                assert item.lease_token is not None
+                if not self._leases.ran_out(
+                    item.lease_token, item.lease_deadline, item.lease_seconds
+                ):
+                    continue
+                ended.append(item.lease_token)
                 version = item.version
                 why = f"the lease of attempt {item.attempt} expired"
                 tx.report(domain.expire(item, now, self.policy, why))
@@ -653,10 +691,15 @@ class QueueManager:
                 reaped.append(item)
             cutoff = now - timedelta(seconds=self.worker_timeout)
             for worker in tx.silent_workers(cutoff):
+                if not self._workers.ran_out(
+                    worker.worker_id, worker.last_seen, self.worker_timeout
+                ):
+                    continue
                 self._seen_workers.pop(worker.worker_id, None)
                 worker.state = WorkerState.OFFLINE
                 tx.put_worker(worker)
                 for item in tx.leased_by(worker.worker_id):
+                    ended.append(item.lease_token or "")
                     version = item.version
                     why = f"worker {worker.worker_id} went offline"
                     tx.report(domain.expire(item, now, self.policy, why))
@@ -665,8 +708,19 @@ class QueueManager:
             return reaped
 
         reaped = self._write(work, lambda items: items, [])
+        self._leases.forget(ended)
         self._announce(reaped)
+        self._prune_timers()
         return len(reaped)
+
+    def _prune_timers(self) -> None:
+        """Now and then, drop the timers of leases and workers that ran out long ago
+        (ended through another replica; a worker gone for good)."""
+        grace = 60.0
+        if self.clock.monotonic() - self._pruned >= grace:
+            self._pruned = self.clock.monotonic()
+            self._leases.prune(grace)
+            self._workers.prune(grace)
 
     def stop(self) -> None:
         self._stop.set()

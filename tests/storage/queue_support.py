@@ -45,11 +45,20 @@ def new(
 
 
 class SteppedClock(Clock):
-    """The real clock plus an offset the test moves forward."""
+    """The real clock plus offsets the test moves: ``advance`` lets time pass (both
+    clocks); ``offset`` alone steps the wall clock (as NTP may)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.offset = 0.0
+        self.offset = 0.0  # the wall clock's
+        self.elapsed = 0.0  # the monotonic clock's
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+        self.elapsed += seconds
 
     def timestamp(self) -> float:
         return super().timestamp() + self.offset
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.elapsed

@@ -197,7 +197,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(fault=FAULTS)
     def expire(self, fault: str | None) -> None:
-        self.clock.offset += 31.0  # every lease handed out so far runs out
+        self.clock.advance(31.0)  # every lease handed out here so far runs out
         self._attempt(self.manager.reap, fault)
 
     @invariant()

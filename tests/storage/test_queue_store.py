@@ -72,7 +72,7 @@ def test_expired_leases_are_reaped(database_url: str) -> None:
     manager = make_manager(database_url, clock)
     manager.enqueue(new("j-1"))
     [lease] = manager.claim("w", "process", {}, 1, 5)
-    clock.offset = 10
+    clock.advance(10)
     assert manager.reap() == 1
     item = manager.get("j-1")
     assert item.state is ItemState.WAITING and "expired" in item.error
@@ -85,7 +85,7 @@ def test_a_silent_workers_leases_are_released_at_once(database_url: str) -> None
     manager = make_manager(database_url, clock, worker_timeout=30)
     manager.enqueue(new("j-1"))
     [lease] = manager.claim("w-1", "process", {}, 1, 3600)  # the lease is far from expiring
-    clock.offset = 31  # no claim, heartbeat or worker call for longer than the timeout
+    clock.advance(31)  # no claim, heartbeat or worker call for longer than the timeout
 
     assert manager.reap() == 1
 
@@ -98,12 +98,59 @@ def test_a_silent_workers_leases_are_released_at_once(database_url: str) -> None
     assert again.item.attempt == 2
 
 
+def test_a_wall_clock_stepped_forward_ends_no_lease_and_silences_no_worker(
+    database_url: str,
+) -> None:
+    """NTP steps the clock an hour ahead while a job runs: its lease and its worker stay
+    (the reaper also times them on the monotonic clock); once that much time has really
+    passed without a heartbeat, the lease ends."""
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock, worker_timeout=30)
+    manager.enqueue(new("j-1"))
+    [lease] = manager.claim("w-1", "process", {}, 1, 10)
+
+    clock.offset += 3600
+    assert manager.reap() == 0
+
+    item = manager.get("j-1")
+    assert item.state is ItemState.LEASED and item.lease_token == lease.token
+    assert [w.state.name for w in manager.workers()] == ["ONLINE"]
+    clock.elapsed += 11  # the lease's 10 s pass: it ends; the worker is not yet silent
+    assert manager.reap() == 1
+    assert manager.get("j-1").state is ItemState.WAITING
+    assert [w.state.name for w in manager.workers()] == ["ONLINE"]
+    clock.elapsed += 20  # 31 s since the worker was last heard from
+    manager.reap()
+    assert [w.state.name for w in manager.workers()] == ["OFFLINE"]
+
+
+def test_a_lease_another_replica_granted_ends_a_lease_after_this_one_finds_it_late(
+    database_url: str,
+) -> None:
+    """Replica B granted the lease and went away; A never timed it: A ends it once it has
+    watched it past its deadline for the lease's length (a step could have made it look
+    late), not before."""
+    clock = SteppedClock()
+    a, b = make_manager(database_url, clock), make_manager(database_url, clock)
+    b.enqueue(new("j-1"))
+    assert len(b.claim("w-1", "process", {}, 1, 10)) == 1
+    a.register_worker("w-1", "process", {}, 1)  # the worker is heard from through A
+
+    clock.advance(11)
+    assert a.reap() == 0  # A finds it late: it starts timing it
+    clock.advance(9)
+    assert a.reap() == 0
+    clock.advance(2)
+    assert a.reap() == 1
+    assert a.get("j-1").state is ItemState.WAITING
+
+
 def test_a_drained_worker_that_went_offline_comes_back_drained(database_url: str) -> None:
     clock = SteppedClock()
     manager = make_manager(database_url, clock, worker_timeout=30)
     manager.register_worker("w-1", "process", {}, 1)
     manager.drain_worker("w-1")
-    clock.offset = 31
+    clock.advance(31)
     manager.reap()
     assert [(w.state.name, w.drained) for w in manager.workers()] == [("OFFLINE", True)]
     manager.enqueue(new("j-1"))
@@ -170,7 +217,7 @@ def test_a_drain_committed_while_another_replica_reaps_the_worker_holds(
     b = make_manager(database_url, faults=pause_before_commit)
     go.set()
     a.register_worker("w-1", "process", {}, 1)
-    clock.offset = 31  # to A, w-1 has been silent past the timeout
+    clock.advance(31)  # to A, w-1 has been silent past the timeout
     go.clear()
     drain = threading.Thread(target=b.drain_worker, args=("w-1",))
     drain.start()
