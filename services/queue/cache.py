@@ -215,18 +215,24 @@ class ItemCache:
             }
             return ready | delayed
 
-    def ready_kinds(self, kind: Kind, now: float) -> list[tuple[Kind, int]]:
-        """Of the index parts an item of ``kind`` goes in (one per worker type it accepts,
-        or the any-type part), those holding an item claimable by ``now``, each as the
-        kind of worker that can take from it, ((type,), labels) or ((), labels), with how
-        many claimable items it holds. Items due by ``now`` count (a release or redrive
-        sets run_at to its own now, later than any time the index has seen: they wait in
-        the delayed heap until promoted)."""
+    def ready_kind(self, kind: Kind, now: float) -> tuple[Kind, int] | None:
+        """Whether the index parts an item of ``kind`` goes in (one per worker type it
+        accepts, or the any-type part) hold items claimable by ``now``: ``kind`` narrowed
+        to the worker types whose parts hold some (the workers that can take from where
+        they are), and how many the fullest of those parts holds; None when none does.
+        Items due by ``now`` count (a release or redrive sets run_at to its own now, later
+        than any time the index has seen: they wait in the delayed heap until promoted)."""
         worker_types, labels = kind
         with self._lock:
             self._promote(now)
-            parts = ((t, self._ready.get(t, {}).get(labels)) for t in worker_types or (ANY,))
-            return [(((t,) if t != ANY else (), labels), len(keys)) for t, keys in parts if keys]
+            held = {
+                t: len(keys)
+                for t in worker_types or (ANY,)
+                if (keys := self._ready.get(t, {}).get(labels))
+            }
+        if not held:
+            return None
+        return (tuple(t for t in held if t != ANY), labels), max(held.values())
 
     def ready_count(self) -> int:
         with self._lock:

@@ -113,7 +113,7 @@ class QueueManager:
             cache.load_entries(store.live_entries(), clock.timestamp())
         self.cache = cache
         # Long polls, woken for items they may take.
-        self.waiters = Waiters(lambda kind: cache.ready_kinds(kind, clock.timestamp()))
+        self.waiters = Waiters(lambda kind: cache.ready_kind(kind, clock.timestamp()))
         # How often a long poll looks again unwoken (other replicas' items, delayed ones).
         self.look_again_seconds = 0.5
         # Enqueue order (FIFO within a priority): the clock in microseconds, but never
@@ -437,8 +437,8 @@ class QueueManager:
         if not entries:
             return
         now = self.clock.timestamp()
-        ready = {kind: self.cache.ready_kinds(kind, now) for kind in {e.kind for e in entries}}
-        self.waiters.claimable(k for e in entries for k, _ in ready[e.kind])
+        ready = {kind: self.cache.ready_kind(kind, now) for kind in {e.kind for e in entries}}
+        self.waiters.claimable(r[0] for e in entries if (r := ready[e.kind]) is not None)
 
     def _touch_worker(self, worker_id: str, worker_type: str, labels: dict[str, str]) -> Worker:
         """Record that the worker was seen. A worker claiming in a loop is written at most

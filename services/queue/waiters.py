@@ -58,17 +58,17 @@ class Waiter:
 
 
 class Waiters:
-    def __init__(self, ready_kinds: Callable[[Kind], list[tuple[Kind, int]]]) -> None:
-        """``ready_kinds(kind)``: where the index still holds claimable items of that kind,
-        as narrower kinds, and how many (ItemCache.ready_kinds): what a woken poll left is
-        handed only to polls that can take from where it is, and to no more of them than
-        there are items. An item that two worker types accept,
+    def __init__(self, ready_kind: Callable[[Kind], tuple[Kind, int] | None]) -> None:
+        """``ready_kind(kind)``: whether the index still holds claimable items of that
+        kind, as a narrower kind, and how many (ItemCache.ready_kind): what a woken poll
+        left is handed only to polls that can take from where it is, and to no more of
+        them than there are items. An item that two worker types accept,
         handed on because another item of that kind waits in the other type's part,
         must not wake polls of the first type, which would find nothing and hand it on
         to each other for as long as that item waits."""
         self._lock = threading.Lock()
         self._waiting: dict[Waiter, None] = {}  # an ordered set: longest waiting first
-        self._ready_kinds = ready_kinds
+        self._ready_kind = ready_kind
 
     @contextmanager
     def waiting(
@@ -99,12 +99,11 @@ class Waiters:
     def hand_on(self, offered: list[Kind], by: Waiter) -> None:
         """``by`` tried (or left) what it was woken for (an entry per item): wake others
         for what is left."""
-        left = [
-            ready
-            for kind, count in Counter(offered).items()
-            for ready, held in self._ready_kinds(kind)
-            for _ in range(min(count, held))
-        ]
+        left: list[Kind] = []
+        for kind, count in Counter(offered).items():
+            ready = self._ready_kind(kind)
+            if ready is not None:
+                left.extend([ready[0]] * min(count, ready[1]))
         if left:
             self.claimable(left, but=by)
 

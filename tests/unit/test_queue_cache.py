@@ -191,7 +191,7 @@ def test_named_only_claims_skip_items_that_accept_any_worker() -> None:
     assert claim_ids(cache, 5) == ["plain"]
 
 
-def test_ready_kinds_says_which_parts_hold_a_claimable_item_of_a_kind() -> None:
+def test_ready_kind_says_which_parts_hold_claimable_items_of_a_kind() -> None:
     cache = ItemCache()
     cache.stage_claim("process", {}, 1, NOW)  # the cache has seen time NOW
     gpu = (("gpu", "yes"),)
@@ -202,10 +202,18 @@ def test_ready_kinds_says_which_parts_hold_a_claimable_item_of_a_kind() -> None:
             item("later", seq=3, worker_types=("process",), run_at=T0 + timedelta(hours=1)),
         ]
     )
-    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == [((("vm",), gpu), 1)]
-    assert cache.ready_kinds(((), ()), NOW) == [(((), ()), 1)]
-    assert cache.ready_kinds((("process",), ()), NOW) == []
+    assert cache.ready_kind((("vm", "process"), gpu), NOW) == ((("vm",), gpu), 1)
+    assert cache.ready_kind(((), ()), NOW) == (((), ()), 1)
+    assert cache.ready_kind((("process",), ()), NOW) is None
     later = (T0 + timedelta(hours=2)).timestamp()  # due by then: counted, and promoted
-    assert cache.ready_kinds((("process",), ()), later) == [((("process",), ()), 1)]
+    assert cache.ready_kind((("process",), ()), later) == ((("process",), ()), 1)
     assert claim_ids(cache, 5, "vm", {"gpu": "yes"}) == ["vm-gpu", "any"]
-    assert cache.ready_kinds((("vm", "process"), gpu), NOW) == []
+    assert cache.ready_kind((("vm", "process"), gpu), NOW) is None
+    zone = (("zone", "a"),)
+    both = [
+        item(f"both-{n}", seq=10 + n, worker_types=("vm", "process"), labels=dict(zone))
+        for n in (1, 2)
+    ]
+    cache.load(both)
+    # In both types' parts: either type's workers can take them; two items, not four.
+    assert cache.ready_kind((("vm", "process"), zone), NOW) == ((("vm", "process"), zone), 2)

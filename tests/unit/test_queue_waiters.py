@@ -18,7 +18,7 @@ def woken(*waiters: Waiter) -> list[bool]:
 
 
 def test_an_item_wakes_one_poll_that_may_take_it_longest_waiting_first() -> None:
-    waiters = Waiters(lambda kind: [(kind, 100)])
+    waiters = Waiters(lambda kind: (kind, 100))
     with ExitStack() as polls:
         first = polls.enter_context(waiters.waiting("process", {}, False))
         second = polls.enter_context(waiters.waiting("process", {}, False))
@@ -37,7 +37,7 @@ def test_an_item_wakes_one_poll_that_may_take_it_longest_waiting_first() -> None
 
 
 def test_each_poll_counts_for_its_max_items() -> None:
-    waiters = Waiters(lambda kind: [(kind, 100)])
+    waiters = Waiters(lambda kind: (kind, 100))
     with ExitStack() as polls:
         a = polls.enter_context(waiters.waiting("process", {}, False, max_items=4))
         b = polls.enter_context(waiters.waiting("process", {}, False, max_items=4))
@@ -49,7 +49,7 @@ def test_each_poll_counts_for_its_max_items() -> None:
 
 
 def test_a_named_only_poll_is_not_woken_for_items_any_type_may_take() -> None:
-    waiters = Waiters(lambda kind: [(kind, 100)])
+    waiters = Waiters(lambda kind: (kind, 100))
     with waiters.waiting("vm", {}, True) as named:
         waiters.claimable([ANY])
         assert not named.woken.is_set()
@@ -59,7 +59,7 @@ def test_a_named_only_poll_is_not_woken_for_items_any_type_may_take() -> None:
 
 def test_what_a_woken_poll_left_is_handed_on_while_it_can_be_claimed() -> None:
     claimable = {ANY}
-    waiters = Waiters(lambda kind: [(kind, 1)] if kind in claimable else [])
+    waiters = Waiters(lambda kind: (kind, 1) if kind in claimable else None)
     with ExitStack() as polls:
         first = polls.enter_context(waiters.waiting("process", {}, False))
         second = polls.enter_context(waiters.waiting("process", {}, False))
@@ -75,7 +75,7 @@ def test_what_a_woken_poll_left_is_handed_on_while_it_can_be_claimed() -> None:
 
 
 def test_a_woken_poll_that_leaves_hands_on_what_it_was_woken_for() -> None:
-    waiters = Waiters(lambda kind: [(kind, 100)])
+    waiters = Waiters(lambda kind: (kind, 100))
     with waiters.waiting("process", {}, False) as stays:
         with waiters.waiting("process", {}, False, max_items=2) as goes:
             waiters.claimable([ANY, ANY])  # `stays` (longest waiting) and `goes`
@@ -89,7 +89,7 @@ def test_a_woken_poll_that_leaves_hands_on_what_it_was_woken_for() -> None:
 
 def test_a_poll_leaving_several_items_hands_each_on() -> None:
     held = {ANY: 2}  # of the three items it was woken for, the index still holds two
-    waiters = Waiters(lambda kind: [(kind, held[kind])] if held.get(kind) else [])
+    waiters = Waiters(lambda kind: (kind, held[kind]) if held.get(kind) else None)
     with ExitStack() as polls:
         with waiters.waiting("process", {}, False, max_items=3) as goes:
             others = [polls.enter_context(waiters.waiting("process", {}, False)) for _ in range(3)]
@@ -98,3 +98,17 @@ def test_a_poll_leaving_several_items_hands_each_on() -> None:
             assert goes.offered == [ANY] * 3
         # It went away without trying: one poll per item still there, no more.
         assert woken(*others) == [True, True, False]
+
+
+def test_items_two_worker_types_accept_wake_one_poll_each_across_the_types() -> None:
+    both: Kind = (("vm", "process"), ())
+    waiters = Waiters(lambda kind: (kind, 2))  # both items are still in both types' parts
+    with ExitStack() as polls:
+        with waiters.waiting("vm", {}, False, max_items=2) as goes:
+            others = [
+                polls.enter_context(waiters.waiting(t, {}, False))
+                for t in ("vm", "process", "vm", "process")
+            ]
+            waiters.claimable([both] * 2)
+            assert woken(goes, *others) == [True, False, False, False, False]
+        assert woken(*others) == [True, True, False, False]  # two items: two polls
