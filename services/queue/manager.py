@@ -333,35 +333,41 @@ class QueueManager:
         staged_by_claim: list[list[Entry]] = []
         # The store is read at most once per batch and worker type, for the most any of
         # the batch's claims of that type may take (a second read would find what the
-        # first loaded).
+        # first loaded); when that read was a full page, once more per set of labels
+        # workers carry (see below).
         limits: dict[tuple[str, bool], int] = {}
         for c in claims:
             key = (c.worker_type, c.named_only)
             limits[key] = max(limits.get(key, 0), 4 * c.max_items, 64)
+        full_page: dict[tuple[str, bool], bool] = {}
+        carried_read: set[tuple[str, bool, tuple[tuple[str, str], ...]]] = set()
+
+        def stage(c: _ClaimArgs) -> list[Entry]:
+            return self.cache.stage_claim(
+                c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
+            )
+
         try:
             for c in claims:
-                staged = self.cache.stage_claim(
-                    c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
-                )
-                if not staged and (c.worker_type, c.named_only) in limits:
+                key = (c.worker_type, c.named_only)
+                staged = stage(c)
+                if not staged and key not in full_page:
                     # Nothing here: pick up what another replica enqueued, then look again.
-                    limit = limits.pop((c.worker_type, c.named_only))
-                    waiting = self.store.waiting(c.worker_type, now, limit, c.named_only)
+                    waiting = self.store.waiting(c.worker_type, now, limits[key], c.named_only)
                     self.cache.load(waiting)
-                    staged = self.cache.stage_claim(
-                        c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
+                    full_page[key] = len(waiting) == limits[key]
+                    staged = stage(c)
+                carried = (*key, tuple(sorted(c.labels.items())))
+                if not staged and full_page.get(key) and carried not in carried_read:
+                    # A full page of items requiring labels this worker lacks may hide
+                    # ones it may take behind it.
+                    carried_read.add(carried)
+                    self.cache.load(
+                        self.store.waiting(
+                            c.worker_type, now, limits[key], c.named_only, carried=c.labels
+                        )
                     )
-                    if not staged and len(waiting) == limit:
-                        # A full page of items requiring labels this worker lacks may hide
-                        # ones it may take behind it.
-                        self.cache.load(
-                            self.store.waiting(
-                                c.worker_type, now, limit, c.named_only, carried=c.labels
-                            )
-                        )
-                        staged = self.cache.stage_claim(
-                            c.worker_type, c.labels, c.max_items, now.timestamp(), c.named_only
-                        )
+                    staged = stage(c)
                 staged_by_claim.append(staged)
         except BaseException:
             # A later claim's read failed: what the earlier ones took goes back.

@@ -474,6 +474,23 @@ def test_a_replica_finds_an_item_requiring_some_of_a_workers_labels_behind_other
     assert [lease.item.job_id for lease in leases] == ["its"]
 
 
+def test_claims_sharing_a_transaction_each_find_what_their_labels_allow(
+    database_url: str,
+) -> None:
+    """The same, with a plain worker's claim and the GPU worker's in one group commit: the
+    second read is made for each worker's labels, not only for the batch's first claim."""
+    a, b = make_manager(database_url), make_manager(database_url)
+    arm = [replace(new(f"arm-{n:03d}", priority=5), labels={"arch": "arm"}) for n in range(100)]
+    b.enqueue_many([*arm, replace(new("its"), labels={"gpu": "yes"})])
+
+    plain = _ClaimArgs("w-1", "process", {}, 1, 30, False)
+    gpu = _ClaimArgs("w-2", "process", {"gpu": "yes"}, 1, 30, False)
+    [(nothing, _), (leases, _)] = a._claim_batch([plain, gpu])
+
+    assert nothing == []
+    assert [lease.item.job_id for lease in leases] == ["its"]
+
+
 def test_a_worker_waiting_in_a_long_poll_is_not_taken_for_silent(database_url: str) -> None:
     """A worker whose long poll outlasts the worker timeout and then gets an item keeps
     it: the reaper that runs next does not release it as a silent worker's."""
