@@ -683,13 +683,24 @@ class QueueManager:
             now = self.clock.now()
             reaped: list[Item] = []
             ended.clear()
-            for item in tx.expired(now, batch):
-                assert item.lease_token is not None
-                if not self._leases.ran_out(
-                    item.lease_token, item.lease_deadline, item.lease_seconds
+            # Every overdue lease is timed here, not only a page of them (a page of leases
+            # not yet run out here must not hide one that has); those that ran out are
+            # locked and checked again (a heartbeat may have moved one meanwhile).
+            ran_out = [
+                token
+                for token, deadline, seconds in tx.overdue(now)
+                if self._leases.ran_out(token, deadline, seconds)
+            ][:batch]
+            held = tx.by_tokens(ran_out) if ran_out else {}
+            for token in ran_out:
+                item = held.get(token)
+                if item is None or not (
+                    item.lease_deadline is not None
+                    and item.lease_deadline < now
+                    and self._leases.ran_out(token, item.lease_deadline, item.lease_seconds)
                 ):
                     continue
-                ended.append(item.lease_token)
+                ended.append(token)
                 version = item.version
                 why = f"the lease of attempt {item.attempt} expired"
                 tx.report(domain.expire(item, now, self.policy, why))

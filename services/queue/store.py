@@ -220,16 +220,19 @@ class Transaction:
                 metadata={"job_id": item.job_id},
             )
 
-    def expired(self, now: datetime, limit: int) -> list[Item]:
+    def overdue(self, now: datetime) -> list[tuple[str, datetime, float]]:
+        """(token, deadline, lease length) of every lease past its deadline, earliest
+        first; read without locks (the reaper locks those it ends, by token)."""
         c = ITEMS.c
         query = (
-            select(*ITEM_COLUMNS)
+            select(c.lease_token, c.lease_deadline, c.lease_seconds)
             .where(c.state == ItemState.LEASED.value, c.lease_deadline < now)
             .order_by(c.lease_deadline)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
         )
-        return [_item(row) for row in self.connection.execute(query)]
+        return [
+            (row.lease_token, to_utc(row.lease_deadline), row.lease_seconds)
+            for row in self.connection.execute(query)
+        ]
 
     def leased_by(self, worker_id: str) -> list[Item]:
         query = (

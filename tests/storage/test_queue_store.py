@@ -145,6 +145,27 @@ def test_a_lease_another_replica_granted_ends_a_lease_after_this_one_finds_it_la
     assert a.get("j-1").state is ItemState.WAITING
 
 
+def test_leases_not_yet_run_out_here_hide_none_that_have(database_url: str) -> None:
+    """Replica B granted leases and went away; A's reaper ends each one lease length
+    after it found it late, however many there are and whatever their lengths: a page of
+    others it is still timing does not make it wait for them first."""
+    clock = SteppedClock()
+    a, b = (make_manager(database_url, clock, worker_timeout=1000) for _ in range(2))
+    b.enqueue_many([new(f"long-{n}") for n in range(3)] + [new("short")])
+    for n in range(3):
+        b.claim(f"w-{n}", "process", {}, 1, 100)  # longer leases, earlier deadlines
+    clock.advance(96)
+    b.claim("w-3", "process", {}, 1, 5)  # its deadline is the last
+
+    clock.advance(6)  # every lease is late
+    assert a.reap(batch=2) == 0  # found late: timed from now
+    clock.advance(6)
+    assert a.reap(batch=2) == 1
+
+    assert a.get("short").state is ItemState.WAITING
+    assert {a.get(f"long-{n}").state for n in range(3)} == {ItemState.LEASED}
+
+
 def test_a_drained_worker_that_went_offline_comes_back_drained(database_url: str) -> None:
     clock = SteppedClock()
     manager = make_manager(database_url, clock, worker_timeout=30)
@@ -553,8 +574,9 @@ def test_batch_writes_keep_datetimes_as_the_rest_of_the_store_reads_them(
     # ... and SQL comparisons against them still hold: the lease is not yet expired, and
     # is once the clock passes its deadline.
     with manager.store.transaction() as tx:
-        assert tx.expired(lease.deadline - timedelta(seconds=1), 10) == []
-        assert [i.job_id for i in tx.expired(lease.deadline + timedelta(seconds=1), 10)] == ["j-1"]
+        assert tx.overdue(lease.deadline - timedelta(seconds=1)) == []
+        [overdue] = tx.overdue(lease.deadline + timedelta(seconds=1))
+        assert overdue == (lease.token, lease.deadline, 30.0)
 
 
 def test_each_committed_report_wakes_the_relay_a_claims_included(manager: QueueManager) -> None:
