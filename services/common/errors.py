@@ -9,6 +9,7 @@ log and the span, never to the client. ``describe`` decodes all of it on the cli
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -183,9 +184,10 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """Abort the call with the status for ``exc`` (never returns)."""
     if isinstance(exc, BlixardError):
         context.abort_with_status(to_status(exc))
-    if _store_down(exc):
-        log.warning("the database is unavailable: %s", str(exc).splitlines()[0])
-        context.abort_with_status(to_status(STORE_UNAVAILABLE))
+    problem = store_problem(exc)
+    if problem is not None:
+        log.warning("%s: %s", problem.message, first_line(exc))
+        context.abort_with_status(to_status(problem))
     log.error("unexpected error in a handler", exc_info=exc)
     span = trace.get_current_span()
     span.record_exception(exc)
@@ -196,13 +198,62 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 STORE_UNAVAILABLE = Unavailable(
     "the database is unavailable; try again", reason="STORE_UNAVAILABLE", retry_after=1.0
 )
+STORE_FULL = Unavailable(
+    "the database has no space left (its disk is full); free space, then try again",
+    reason="STORE_FULL",
+    retry_after=5.0,
+)
 
 
-def _store_down(exc: BaseException) -> bool:
-    """A lost or refused database connection (not a bug: the store is down)."""
+def store_problem(exc: BaseException) -> Unavailable | None:
+    """What a store failure that is not a bug says to callers: the database's disk is full,
+    or the database is down (a lost or refused connection); None for anything else."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    cause = exc.orig
+    code = getattr(cause, "sqlite_errorcode", None)
+    if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or (
+        getattr(cause, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
+    ):
+        return STORE_FULL
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-        return True
-    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+        return STORE_UNAVAILABLE
+    return STORE_UNAVAILABLE if exc.connection_invalidated else None
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class LoopFailures:
+    """How a background loop (an outbox relay, the lease reaper) reports failed rounds. A
+    store that is down or full is said once, in one line, until a round succeeds again:
+    an outage must not fill the log with a traceback every second. Anything else keeps
+    its traceback every time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._outage: str | None = None  # the reason said, while it lasts
+
+    def failed(self, exc: BaseException) -> None:
+        problem = store_problem(exc)
+        if problem is None:
+            log.error("%s failed; retrying", self.name, exc_info=exc)
+            return
+        if self._outage != problem.reason:
+            self._outage = problem.reason
+            log.warning(
+                "%s: %s: %s; retrying until it is back",
+                self.name,
+                problem.message.split(";")[0],
+                first_line(exc),
+            )
+
+    def succeeded(self) -> None:
+        if self._outage is not None:
+            self._outage = None
+            log.info("%s: the database is back; going on", self.name)
 
 
 def _already_aborted(context: grpc.ServicerContext) -> bool:

@@ -34,6 +34,7 @@ from services.common import telemetry
 from services.common.backoff import backoff
 from services.common.clock import Clock
 from services.common.db import BulkWrite, reader, write_lock
+from services.common.errors import LoopFailures
 from services.common.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -201,12 +202,14 @@ class Relay:
 
     def _run(self) -> None:
         seen = self.feed.version
+        failures = LoopFailures(self.name)
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 more = self.run_once()
-            except Exception:
-                log.exception("%s failed; retrying", self.name)
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)
                 more = False
             if more:
                 continue  # a backlog: the next full round at once

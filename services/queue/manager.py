@@ -14,7 +14,7 @@ from typing import TypeVar
 from services.common import paging
 from services.common.clock import Clock
 from services.common.combiner import Combiner
-from services.common.errors import Aborted, BlixardError, NotFound
+from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -764,6 +764,7 @@ class Reaper:
 
     def _run(self) -> None:
         next_sync = self.manager.clock.monotonic() + self.sync_interval
+        failures = LoopFailures("the lease reaper")
         while not self._stopping.wait(self.interval):
             try:
                 reaped = self.manager.reap()
@@ -774,5 +775,6 @@ class Reaper:
                     dropped = self.manager.reconcile()
                     if dropped:
                         log.info("cache reconciled: %d entries changed elsewhere", dropped)
-            except Exception:
-                log.exception("the lease reaper failed; retrying")
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)

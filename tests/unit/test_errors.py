@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from services.common.errors import (
     DOMAIN,
@@ -18,6 +21,7 @@ from services.common.errors import (
     ErrorInterceptor,
     FailedPrecondition,
     InvalidArgument,
+    LoopFailures,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -25,6 +29,7 @@ from services.common.errors import (
     Unavailable,
     abort,
     describe,
+    store_problem,
     to_status,
 )
 
@@ -230,8 +235,6 @@ def test_abort_with_an_unexpected_error_hides_it() -> None:
 
 
 def test_a_database_that_is_down_is_unavailable_not_internal() -> None:
-    from sqlalchemy.exc import OperationalError
-
     context = FakeContext()
     down = OperationalError("SELECT 1", {}, Exception("connection refused"))
     with pytest.raises(Stop):
@@ -246,6 +249,78 @@ def test_a_database_that_is_down_is_unavailable_not_internal() -> None:
     details.details[0].Unpack(info)
     assert info.reason == "STORE_UNAVAILABLE"
     assert b"connection refused" not in dict(status.trailing_metadata)["grpc-status-details-bin"]
+
+
+def full_database_error() -> Exception:
+    """What SQLite raises when it cannot grow the database (SQLITE_FULL), for real: a
+    database capped at a few pages, written past the cap."""
+    engine = create_engine("sqlite://")
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("PRAGMA max_page_count = 3")
+            connection.exec_driver_sql("CREATE TABLE t (data BLOB)")
+            connection.exec_driver_sql("INSERT INTO t VALUES (zeroblob(100000))")
+    except OperationalError as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("SQLite took a row larger than its cap")
+
+
+def test_a_full_database_says_so_and_asks_to_retry() -> None:
+    context = FakeContext()
+    full = full_database_error()
+    with pytest.raises(Stop):
+        abort(context, full)  # type: ignore[arg-type]
+    [status] = context.statuses
+    assert status.code is grpc.StatusCode.UNAVAILABLE  # the clients' retry code
+    assert "disk is full" in status.details and "free space" in status.details
+    info, retry = describe_details(status)
+    assert info.reason == "STORE_FULL" and retry.retry_delay.seconds == 5
+
+
+def describe_details(status: grpc.Status) -> tuple[Any, Any]:
+    details = status_pb2.Status.FromString(
+        dict(status.trailing_metadata)["grpc-status-details-bin"]
+    )
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    details.details[0].Unpack(info)
+    details.details[1].Unpack(retry)
+    return info, retry
+
+
+def test_a_loop_says_an_outage_once_and_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    failures = LoopFailures("the relay")
+    down = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    with caplog.at_level(logging.INFO, logger="services.common.errors"):
+        for _ in range(3):
+            failures.failed(down)
+        failures.failed(full_database_error())  # another outage: said too
+        failures.failed(full_database_error())
+        failures.succeeded()
+        failures.succeeded()
+        failures.failed(ValueError("a bug"))
+        failures.failed(ValueError("a bug"))
+
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        (
+            "WARNING",
+            "the relay: the database is unavailable: (builtins.Exception) connection "
+            "refused; retrying until it is back",
+            False,
+        ),
+        (
+            "WARNING",
+            "the relay: the database has no space left (its disk is full): "
+            "(sqlite3.OperationalError) database or disk is full; retrying until it is back",
+            False,
+        ),
+        ("INFO", "the relay: the database is back; going on", False),
+        ("ERROR", "the relay failed; retrying", True),
+        ("ERROR", "the relay failed; retrying", True),
+    ]
+    assert store_problem(ValueError("a bug")) is None
 
 
 def test_interceptor_maps_unary_and_stream_errors() -> None:
