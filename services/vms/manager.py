@@ -36,6 +36,7 @@ from services.common.errors import (
     Aborted,
     BlixardError,
     FailedPrecondition,
+    LoopFailures,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -934,6 +935,7 @@ class PoolManager:
 
     def _monitor(self) -> None:
         last_prune = 0.0
+        failures = LoopFailures("the VM health monitor")
         while not self._stopping.wait(self.limits.ping_interval):
             try:
                 self.check_health()
@@ -941,8 +943,9 @@ class PoolManager:
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     self.store.prune(self.clock.now() - ENDED_RETENTION)
-            except Exception:
-                log.exception("the VM health monitor failed; it goes on")
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)
 
     def check_health(self) -> None:
         """Ping every VM that is not running a command; N failures in a row and it is
