@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -15,6 +16,8 @@ from sqlalchemy.exc import OperationalError
 from services.common.errors import (
     DOMAIN,
     INTERNAL_STATUS,
+    STORE_FULL,
+    STORE_UNAVAILABLE,
     Aborted,
     AlreadyExists,
     BlixardError,
@@ -277,6 +280,13 @@ def test_a_full_database_says_so_and_asks_to_retry() -> None:
     assert "disk is full" in status.details and "free space" in status.details
     info, retry = describe_details(status)
     assert info.reason == "STORE_FULL" and retry.retry_delay.seconds == 5
+
+
+def test_postgresqls_disk_full_is_a_full_store_too() -> None:
+    full = OperationalError("INSERT", {}, psycopg.errors.DiskFull("could not extend file"))
+    assert store_problem(full) is STORE_FULL
+    other = OperationalError("INSERT", {}, psycopg.errors.OutOfMemory("out of memory"))
+    assert store_problem(other) is STORE_UNAVAILABLE
 
 
 def describe_details(status: grpc.Status) -> tuple[Any, Any]:
