@@ -2,8 +2,11 @@
 
 Wall-clock readings are for timestamps users read and for deadlines shared through the
 database; durations and local timers use the monotonic clock. A wall clock that reads
-before the epoch, is not a number, or steps backwards logs a warning (once per step) and
-yields the last good reading instead.
+before the epoch or past the year 9999, is not a number, cannot be read, or steps
+backwards logs a warning (once per step) and time goes on from the last good reading at
+half the monotonic clock's rate, until the wall clock catches up: never backwards, and
+never still (a clock held still for the length of a step would stop every lease, retry
+backoff and redelivery that long).
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
+_GOING_ON = "time goes on from the last good reading at half speed"
+
+
+# The last second datetime can hold (9999-12-31T23:59:59Z).
+MAX_TIMESTAMP = 253402300799.0
+# While the wall clock is behind or unusable, time goes on at this part of the monotonic
+# clock's rate: a wall clock stepped back by S seconds is caught up with in S / (1 - SLEW).
+SLEW = 0.5
 
 
 class Clock:
@@ -24,36 +35,51 @@ class Clock:
     ) -> None:
         self._wall = wall
         self._monotonic = monotonic
-        self._last = 0.0
+        self._last = 0.0  # the last time given
+        self._last_mono = monotonic()  # the monotonic clock's reading then
         self._warned = False
         self._lock = threading.Lock()
 
     def timestamp(self) -> float:
         """Seconds since the epoch: never negative, never below an earlier reading."""
+        mono = self._monotonic()
         try:
             reading = float(self._wall())
         except (OSError, OverflowError, ValueError) as exc:
             with self._lock:
-                self._warn_once(
-                    f"the wall clock could not be read ({exc}); using the last good time"
-                )
-                return self._last
+                self._warn_once(f"the wall clock could not be read ({exc}); {_GOING_ON}")
+                return self._go_on(mono)
         with self._lock:
-            if not math.isfinite(reading) or reading < 0:
+            if not math.isfinite(reading) or not 0 <= reading <= MAX_TIMESTAMP:
                 self._warn_once(
-                    f"the wall clock reads {reading!r}, before the epoch or not a "
-                    f"time; using the last good time"
+                    f"the wall clock reads {reading!r}, before the epoch, past the year "
+                    f"9999 or not a time; {_GOING_ON}"
                 )
-                return self._last
-            if reading < self._last:
+                return self._go_on(mono)
+            held = self._held(mono)
+            if reading < held:
                 self._warn_once(
-                    f"the wall clock stepped backwards by "
-                    f"{self._last - reading:.3f}s; holding the last good time"
+                    f"the wall clock stepped backwards by {held - reading:.3f}s; {_GOING_ON} "
+                    f"until it catches up"
                 )
-                return self._last
+                return self._go_on(mono)
             self._warned = False
             self._last = reading
+            self._mark(mono)
             return reading
+
+    def _held(self, mono: float) -> float:
+        elapsed = mono - self._last_mono
+        return self._last + (elapsed * SLEW if math.isfinite(elapsed) and elapsed > 0 else 0.0)
+
+    def _go_on(self, mono: float) -> float:
+        self._last = self._held(mono)
+        self._mark(mono)
+        return self._last
+
+    def _mark(self, mono: float) -> None:
+        if math.isfinite(mono):  # an injected monotonic clock may read anything
+            self._last_mono = mono
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp(), tz=UTC)

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from services.common import db
+from services.common.clock import Clock
 from services.common.errors import Aborted, FailedPrecondition
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import Lease, NewItem, QueueManager, _ClaimArgs
@@ -122,6 +123,28 @@ def test_a_wall_clock_stepped_forward_ends_no_lease_and_silences_no_worker(
     clock.elapsed += 20  # 31 s since the worker was last heard from
     manager.reap()
     assert [w.state.name for w in manager.workers()] == ["OFFLINE"]
+
+
+def test_a_dead_workers_lease_still_ends_after_the_wall_clock_steps_back(
+    database_url: str,
+) -> None:
+    """NTP steps the clock back an hour while a worker holds a 10 s lease and dies: the
+    lease ends within seconds (time goes on at half speed), not an hour later."""
+    wall, mono = {"now": time.time()}, {"now": 0.0}
+    clock = Clock(wall=lambda: wall["now"], monotonic=lambda: mono["now"])
+    manager = make_manager(database_url, clock, worker_timeout=3600)
+    manager.enqueue(new("j-1"))
+    manager.claim("w-1", "process", {}, 1, 10)
+    wall["now"] -= 3600
+
+    def after(seconds: float) -> int:
+        wall["now"] += seconds
+        mono["now"] += seconds
+        return manager.reap()
+
+    assert after(10) == 0  # the clock goes on at half speed: 5 s of the 10 s lease
+    assert after(12) == 1  # 11 s: it ran out on both clocks
+    assert manager.get("j-1").state is ItemState.WAITING
 
 
 def test_a_lease_another_replica_granted_ends_a_lease_after_this_one_finds_it_late(

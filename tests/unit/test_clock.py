@@ -17,6 +17,12 @@ from services.common.clock import Clock, to_utc
 LOGGER = "services.common.clock"
 
 
+def STILL() -> float:
+    """A monotonic clock that does not move: time given while the wall clock is unusable
+    stays the last good reading (see the tests with a moving one below)."""
+    return 0.0
+
+
 def wall_of(readings: Iterable[float]) -> Callable[[], float]:
     it = iter(readings)
     return lambda: next(it)
@@ -30,13 +36,13 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_normal_readings_pass_through(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
-    clock = Clock(wall=wall_of([1000.0, 1000.0, 1001.25, 5000.5]))
+    clock = Clock(wall=wall_of([1000.0, 1000.0, 1001.25, 5000.5]), monotonic=STILL)
     assert [clock.timestamp() for _ in range(4)] == [1000.0, 1000.0, 1001.25, 5000.5]
     assert warnings(caplog) == []
 
 
 def test_now_is_an_aware_utc_datetime() -> None:
-    clock = Clock(wall=lambda: 86400.0)
+    clock = Clock(wall=lambda: 86400.0, monotonic=STILL)
     assert clock.now() == datetime(1970, 1, 2, tzinfo=UTC)
 
 
@@ -45,9 +51,9 @@ def test_monotonic_is_the_injected_one() -> None:
     assert clock.monotonic() == 42.0
 
 
-def test_before_epoch_holds_the_last_good_time(caplog: pytest.LogCaptureFixture) -> None:
+def test_before_epoch_goes_on_from_the_last_good_time(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
-    clock = Clock(wall=wall_of([100.0, -5.0, -5.0, 101.0]))
+    clock = Clock(wall=wall_of([100.0, -5.0, -5.0, 101.0]), monotonic=STILL)
     assert [clock.timestamp() for _ in range(4)] == [100.0, 100.0, 100.0, 101.0]
     [message] = warnings(caplog)
     assert "-5.0" in message
@@ -55,23 +61,27 @@ def test_before_epoch_holds_the_last_good_time(caplog: pytest.LogCaptureFixture)
 
 def test_before_epoch_as_first_reading_is_not_negative(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
-    clock = Clock(wall=lambda: -5.0)
+    clock = Clock(wall=lambda: -5.0, monotonic=STILL)
     assert clock.timestamp() == 0.0
     assert clock.now() == datetime(1970, 1, 1, tzinfo=UTC)
     assert len(warnings(caplog)) == 1
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_not_a_time_holds_the_last_good_time(bad: float, caplog: pytest.LogCaptureFixture) -> None:
+def test_not_a_time_goes_on_from_the_last_good_time(
+    bad: float, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
-    clock = Clock(wall=wall_of([100.0, bad, bad, bad, 102.0]))
+    clock = Clock(wall=wall_of([100.0, bad, bad, bad, 102.0]), monotonic=STILL)
     assert [clock.timestamp() for _ in range(5)] == [100.0, 100.0, 100.0, 100.0, 102.0]
     assert len(warnings(caplog)) == 1
 
 
 def test_backwards_step_warns_once_per_step(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
-    clock = Clock(wall=wall_of([100.0, 90.0, 95.0, 99.0, 101.0, 50.0, 60.0, 102.0]))
+    clock = Clock(
+        wall=wall_of([100.0, 90.0, 95.0, 99.0, 101.0, 50.0, 60.0, 102.0]), monotonic=STILL
+    )
     seen = [clock.timestamp() for _ in range(8)]
     assert seen == [100.0, 100.0, 100.0, 100.0, 101.0, 101.0, 101.0, 102.0]
     messages = warnings(caplog)
@@ -91,7 +101,7 @@ def test_unreadable_wall_clock_does_not_crash_and_warns_once_per_outage(
             raise OSError("clock_gettime failed")
         return 100.0
 
-    clock = Clock(wall=wall)
+    clock = Clock(wall=wall, monotonic=STILL)
     assert clock.timestamp() == 100.0
     state["broken"] = True
     assert [clock.timestamp() for _ in range(5)] == [100.0] * 5
@@ -124,7 +134,7 @@ def test_any_readings_give_non_negative_non_decreasing_times(readings: list[floa
     handler = Collect(logging.WARNING)
     logger.addHandler(handler)
     try:
-        clock = Clock(wall=wall_of(readings))
+        clock = Clock(wall=wall_of(readings), monotonic=STILL)
         seen = [clock.timestamp() for _ in readings]
     finally:
         logger.removeHandler(handler)
@@ -151,3 +161,48 @@ def test_to_utc() -> None:
     plus_two = datetime(2024, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
     assert to_utc(plus_two) == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     assert to_utc(plus_two).utcoffset() == timedelta(0)
+
+
+class Moving:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_backward_step_goes_on_at_half_speed_until_the_wall_clock_catches_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NTP steps the clock back 100 s: time does not stand still for 100 s (leases,
+    retry backoffs and redeliveries would stand still with it); it goes on at half
+    speed, and follows the wall clock again once that has caught up."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    mono = Moving()
+    wall = {"now": 1000.0}
+    clock = Clock(wall=lambda: wall["now"], monotonic=mono)
+    assert clock.timestamp() == 1000.0
+
+    def after(seconds: float) -> float:
+        mono.now += seconds
+        wall["now"] += seconds
+        return clock.timestamp()
+
+    wall["now"] -= 100.0  # the step
+    assert clock.timestamp() == 1000.0
+    assert after(10) == 1005.0  # the wall clock reads 910
+    assert after(10) == 1010.0
+    assert after(180) == 1100.0  # caught up: the wall clock reads 1100
+    assert after(1) == 1101.0
+    [message] = warnings(caplog)
+    assert "stepped backwards by 100.000s" in message and "half speed" in message
+
+
+def test_a_reading_past_the_year_9999_is_not_a_time(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    clock = Clock(wall=wall_of([100.0, 1e12]), monotonic=STILL)
+    assert clock.timestamp() == 100.0
+    assert clock.now() == datetime.fromtimestamp(100.0, tz=UTC)  # no ValueError
+    assert len(warnings(caplog)) == 1
