@@ -265,6 +265,11 @@ def cancel(item: Item, now: datetime) -> Report | None:
         item.state = ItemState.CANCELLED
         item.updated_at = now
         return _report(item, "CANCELLED", now, "cancelled while waiting")
+    if item.state is ItemState.DEAD_LETTERED:
+        # A job cancelled as its last attempt failed: no redrive may run it again.
+        item.state = ItemState.CANCELLED
+        item.updated_at = now
+        return _report(item, "CANCELLED", now, "cancelled while dead-lettered")
     if item.state is ItemState.LEASED:
         item.cancel_requested = True
         item.updated_at = now

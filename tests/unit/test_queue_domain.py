@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from services.common.errors import FailedPrecondition
 from services.queue import domain
 from services.queue.domain import Item, ItemState, Outcome, Report, RetryPolicy
+from services.queue.store import TRANSITION_FIELDS, _transition_values
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy(default_max_attempts=3, base_seconds=1.0, cap_seconds=60.0)
@@ -186,10 +188,18 @@ def test_cancel_a_waiting_item() -> None:
     assert item.state is ItemState.CANCELLED
 
 
-@pytest.mark.parametrize(
-    "state",
-    [ItemState.SUCCEEDED, ItemState.FAILED, ItemState.DEAD_LETTERED, ItemState.CANCELLED],
-)
+def test_cancel_a_dead_letter_ends_it_for_good() -> None:
+    """The job was cancelled as its last attempt failed: the dead letter is cancelled
+    too, so no Redrive runs a cancelled job again."""
+    item = make_item(state=ItemState.DEAD_LETTERED)
+    report = domain.cancel(item, T0)
+    assert report is not None and report.job_state == "CANCELLED"
+    assert item.state is ItemState.CANCELLED
+    with pytest.raises(FailedPrecondition):
+        domain.redrive(item, T0)
+
+
+@pytest.mark.parametrize("state", [ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED])
 def test_cancel_an_ended_item_is_refused(state: ItemState) -> None:
     item = make_item(state=state)
     with pytest.raises(FailedPrecondition) as caught:
@@ -281,11 +291,13 @@ def test_any_sequence_of_moves_keeps_the_rules(
             report = domain.lease(item, "w", 30.0, now)
             assert item.attempt == before_attempt + 1
         elif move == "cancel":
-            if not item.state.live:
+            if not item.state.live and item.state is not ItemState.DEAD_LETTERED:
                 with pytest.raises(FailedPrecondition):
                     domain.cancel(item, now)
                 continue
+            was_dead_letter = item.state is ItemState.DEAD_LETTERED
             report = domain.cancel(item, now)
+            assert not was_dead_letter or item.state is ItemState.CANCELLED
         elif move == "redrive":
             if item.state is not ItemState.DEAD_LETTERED:
                 with pytest.raises(FailedPrecondition):
@@ -387,7 +399,11 @@ def apply(item: Item, move: str, now: datetime) -> None:
         domain.complete(item, outcome, 3, "tail", "boom", now, POLICY)
     elif move == "release" and item.state is ItemState.LEASED:
         domain.release(item, "drain", now)
-    elif move == "cancel" and item.state in (ItemState.WAITING, ItemState.LEASED):
+    elif move == "cancel" and item.state in (
+        ItemState.WAITING,
+        ItemState.LEASED,
+        ItemState.DEAD_LETTERED,
+    ):
         domain.cancel(item, now)
     elif move == "expire" and item.state is ItemState.LEASED:
         domain.expire(item, now, POLICY, "expired")
@@ -397,10 +413,6 @@ def apply(item: Item, move: str, now: datetime) -> None:
 
 @given(st.lists(TRANSITIONS, max_size=12))
 def test_transitions_change_only_the_fields_the_store_writes(moves: list[str]) -> None:
-    from dataclasses import fields
-
-    from services.queue.store import TRANSITION_FIELDS
-
     item = make_item(labels={"a": "b"}, worker_types=("process",), trace_context={"t": "1"})
     now = T0
     for move in moves:
@@ -412,8 +424,6 @@ def test_transitions_change_only_the_fields_the_store_writes(moves: list[str]) -
 
 
 def test_the_store_writes_every_transition_field_in_its_place() -> None:
-    from services.queue.store import TRANSITION_FIELDS, _transition_values
-
     item = make_item(state=ItemState.LEASED, attempt=2, lease_token="t", worker_id="w")
     item.lease_deadline, item.lease_seconds, item.version = T0 + timedelta(seconds=9), 9.0, 4
     item.exit_code, item.output_tail, item.error, item.report_seq = 3, "tail", "err", 5
