@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
+    exists,
     func,
     select,
 )
@@ -86,9 +87,20 @@ class SqlOutbox:
         table = row.__table__  # type: ignore[attr-defined]  # a mapped class
         self._table: Table = table
         c = table.c
+        # A message waits while an earlier one of its key waits (postponed after a failed
+        # delivery): a receiver sees each key's messages in the order they were written
+        # (a job's RUNNING before its SUCCEEDED, which would make RUNNING a late no-op).
+        earlier = table.alias("earlier")
         self._due = (
             select(c.id, c.topic, c.key, c.payload, c.attempts)
-            .where(c.next_attempt_at <= bindparam("now"))
+            .where(
+                c.next_attempt_at <= bindparam("now"),
+                ~exists().where(
+                    earlier.c.key == c.key,
+                    earlier.c.id < c.id,
+                    earlier.c.next_attempt_at > bindparam("now"),
+                ),
+            )
             .order_by(c.id)
             .limit(bindparam("limit"))
         )
@@ -155,9 +167,10 @@ DeliverMany = Callable[[list[Message]], list[Exception | None]]
 
 class Relay:
     """Delivers due messages in id order. A message that fails ends the round and waits
-    with exponential backoff (the messages after it go in the next round); nothing is
-    dropped. With ``deliver_many`` a batch goes in one call; the messages before the first
-    that failed count as delivered, the rest are sent again (receivers are idempotent)."""
+    with exponential backoff (the messages after it go in the next round, but for those
+    of its key, which wait for it); nothing is dropped. With ``deliver_many`` a batch
+    goes in one call; the messages before the first that failed count as delivered, the
+    rest are sent again (receivers are idempotent)."""
 
     def __init__(
         self,

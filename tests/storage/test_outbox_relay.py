@@ -91,6 +91,42 @@ def test_a_failed_call_delivers_nothing(outbox: SqlOutbox) -> None:
     assert [m.payload["n"] for m in outbox.due(before, 100)] == [1, 2, 3, 4]
 
 
+def test_a_message_that_waits_holds_back_the_later_ones_of_its_key(
+    engine: Engine, outbox: SqlOutbox
+) -> None:
+    """A job's RUNNING fails to go (the call failed); its SUCCEEDED, written after it,
+    must not overtake it (the jobs service would take RUNNING for a late no-op and lose
+    the start time): it waits for RUNNING; other jobs' messages go on."""
+    calls_made = {"n": 0}
+
+    def answer(messages: list[Message]) -> list[Exception | None]:
+        calls_made["n"] += 1
+        if calls_made["n"] == 2:
+            raise Transient("the jobs service is down")
+        return [None] * len(messages)
+
+    relay, calls = relay_with(outbox, answer)
+    relay.run_once()  # the fixture's 0-4 go
+    now = Clock().now() - timedelta(seconds=1)
+    with engine.begin() as connection:
+        outbox.add_many(
+            connection,
+            [
+                ("status", "job-a", {"n": 10}, now),  # RUNNING
+                ("status", "job-b", {"n": 11}, now),
+                ("status", "job-a", {"n": 12}, now),  # SUCCEEDED
+            ],
+        )
+    relay.run_once()  # one call, which fails: 10 waits, and 12 with it
+    relay.run_once()
+    assert calls[1:] == [[10, 11, 12], [11]]
+
+    time.sleep(0.5)  # 10's backoff (0.1-0.2 s) passes
+    relay.run_once()
+    assert calls[3] == [10, 12]  # in order, together
+    assert outbox.pending() == 0
+
+
 def test_an_answer_of_the_wrong_length_delivers_nothing(outbox: SqlOutbox) -> None:
     relay, _ = relay_with(outbox, lambda ms: [None])
 
