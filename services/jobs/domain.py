@@ -181,7 +181,10 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
     """Apply a queue report. Returns the event, or None when it was a no-op: another
     generation, a duplicate or late sequence, or a move the state machine forbids (for
     example a report arriving after the user cancelled). Never raises for those."""
-    if update.generation != job.generation or update.sequence <= job.last_sequence:
+    if update.generation != job.generation:
+        return None
+    if update.sequence <= job.last_sequence:
+        _fill_in(job, update)
         return None
     job.last_sequence = update.sequence
     if update.state is JobState.PENDING or not can_move(job.state, update.state):
@@ -205,6 +208,8 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
     else:
         _record_result(job, update, keep_error=False)
         job.ended_at = update.at
+        if update.attempt:  # its RUNNING may come late, or not at all
+            job.attempts = max(job.attempts, job.attempts_base + update.attempt)
     return JobEvent(
         job.job_id,
         job.generation,
@@ -213,6 +218,21 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
         f"worker:{update.worker_id}" if update.worker_id else "queue",
         update.reason or update.error,
     )
+
+
+def _fill_in(job: Job, update: StatusUpdate) -> None:
+    """A late report moves nothing, but a RUNNING overtaken by a later report (reports
+    of one job through two queue replicas) still says when this generation started, on
+    which worker, and which attempt: facts the job lacks if no RUNNING came before."""
+    if (
+        update.state is not JobState.RUNNING
+        or job.started_at is not None
+        or job.state is JobState.PENDING  # not yet queued: nothing of it has run
+    ):
+        return
+    job.started_at = update.at
+    job.worker_id = job.worker_id or update.worker_id
+    job.attempts = max(job.attempts, job.attempts_base + max(update.attempt, 1))
 
 
 def _record_result(job: Job, update: StatusUpdate, *, keep_error: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -177,6 +178,21 @@ def test_duplicate_and_late_reports_are_no_ops() -> None:
     assert job == after_first
 
 
+def test_a_running_report_overtaken_by_the_end_still_gives_the_start() -> None:
+    """Through two queue replicas, a job's SUCCEEDED can arrive before its RUNNING: the
+    job ends SUCCEEDED, and the late RUNNING still gives its start, worker and attempt
+    (it moves nothing)."""
+    job = make_job(JobState.QUEUED, last_sequence=1)
+    done = update(job, JobState.SUCCEEDED, 3, attempt=2, worker_id="w-1", exit_code=0)
+    assert domain.apply_update(job, done) is not None
+    assert (job.state, job.attempts, job.started_at) == (JobState.SUCCEEDED, 2, None)
+
+    late = update(job, JobState.RUNNING, 2, attempt=2, worker_id="w-1")
+    assert domain.apply_update(job, late) is None
+    assert (job.state, job.attempts, job.started_at) == (JobState.SUCCEEDED, 2, late.at)
+    assert job.ended_at == done.at and job.last_sequence == 3
+
+
 def test_reports_of_another_generation_are_no_ops() -> None:
     job = make_job(JobState.FAILED, attempts=1, last_sequence=3)
     domain.retry(job, T0, actor="client")
@@ -276,7 +292,20 @@ def test_no_sequence_of_operations_breaks_the_state_machine(
             )
             if stale:
                 assert event is None
-                assert job == before
+                fills_in = (
+                    report.generation == before.generation
+                    and state is JobState.RUNNING
+                    and before.started_at is None
+                    and before.state is not JobState.PENDING
+                )
+                if fills_in:  # an overtaken RUNNING still says when it started
+                    assert job.started_at == report.at
+                    assert job.attempts >= max(before.attempts, 1)
+                    facts = {"started_at", "worker_id", "attempts"}
+                    kept = {f: getattr(before, f) for f in facts}
+                    assert dataclasses.replace(job, **kept) == before
+                else:
+                    assert job == before
             else:
                 assert job.last_sequence == report.sequence
                 assert job.generation == before.generation
