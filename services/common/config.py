@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -102,6 +103,17 @@ class EnvReader:
             return default
         return value.lower()
 
+    def address(self, name: str, default: str) -> str:
+        """A peer's gRPC address: ``host:port``, an IPv6 host in brackets (``[::1]:50052``)."""
+        full, value = self._raw(name)
+        if value is None:
+            return default
+        problem = address_problem(value)
+        if problem is not None:
+            self.problems.append(f"{full}={value!r} is not host:port ({problem})")
+            return default
+        return value
+
     def _bounded(self, full: str, number: N, minimum: N | None, maximum: N | None, default: N) -> N:
         if minimum is not None and number < minimum:
             self.problems.append(f"{full}={number} is below the minimum {minimum}")
@@ -183,6 +195,59 @@ def read_server(env: EnvReader, default_port: int) -> ServerSettings:
         grace_seconds=env.number("SHUTDOWN_GRACE", 10.0, minimum=0.0, maximum=3600.0),
         threads=env.integer("GRPC_THREADS", DEFAULT_GRPC_THREADS, minimum=8, maximum=4096),
     )
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?")
+_PORT = re.compile(r"[0-9]+")
+_TARGET_FORM = re.compile(r"(unix|unix-abstract|dns|ipv4|ipv6|vsock):|[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def address_problem(value: str) -> str | None:
+    """What is wrong with ``value`` as ``host:port`` (a name, an IPv4 address or a bracketed
+    IPv6 address, and a port 1-65535), or None. gRPC's ``unix:`` and ``dns:`` target forms
+    are not taken: every address setting is documented as host:port."""
+    problem = _host_port_problem(value)
+    if problem is not None and _TARGET_FORM.match(value):
+        return "give host:port without a scheme; gRPC's unix: and dns: targets are not supported"
+    return problem
+
+
+def _host_port_problem(value: str) -> str | None:
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket:
+            return "the IPv6 address has no closing ]"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} in brackets is not an IPv6 address"
+        if rest and not rest.startswith(":"):
+            return f"{rest!r} after the ] is not :port"
+        colon, port = rest[:1], rest[1:]
+    else:
+        host, colon, port = value.rpartition(":")
+        if ":" in host:
+            return "an IPv6 address goes in brackets, as in [::1]:50051"
+        if colon and not _is_host(host):
+            return f"the host {host!r} is not a host name or an IP address" if host else "no host"
+    if not colon:
+        return "no port"
+    if not _PORT.fullmatch(port):
+        return f"the port {port!r} is not a number" if port else "no port"
+    if not 1 <= int(port) <= 65535:
+        return f"the port {int(port)} is not between 1 and 65535"
+    return None
+
+
+def _is_host(host: str) -> bool:
+    if not _HOST_NAME.fullmatch(host):
+        return False
+    if host.replace(".", "").isdigit():  # digits and dots: it must be an IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
 
 
 def is_loopback(host: str) -> bool:

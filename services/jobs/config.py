@@ -24,7 +24,7 @@ def load(environ: Mapping[str, str] | None = None) -> JobsConfig:
         server=server,
         shared=shared,
         database_url=common.database_url(env, "jobs"),
-        queue_address=env.text("QUEUE_ADDRESS", "127.0.0.1:50052"),
+        queue_address=env.address("QUEUE_ADDRESS", "127.0.0.1:50052"),
     )
     common.check_auth_binding(env, server, shared.tokens)
     common.finish(env, shared_env)

@@ -29,7 +29,7 @@ def load(environ: Mapping[str, str] | None = None) -> QueueConfig:
         server=server,
         shared=shared,
         database_url=common.database_url(env, "queue"),
-        jobs_address=env.text("JOBS_ADDRESS", "127.0.0.1:50051"),
+        jobs_address=env.address("JOBS_ADDRESS", "127.0.0.1:50051"),
         retry=RetryPolicy(
             default_max_attempts=env.integer("DEFAULT_MAX_ATTEMPTS", 3, minimum=1, maximum=100),
             base_seconds=env.number("RETRY_BASE_SECONDS", 1.0, minimum=0.0, maximum=3600.0),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common import config as common
+from services.common.jobspec import ID_RULE, is_valid_id
 from services.worker.tracker import TrackerLimits
 
 WORKER_TYPES = ("process", "mock", "vm")
@@ -39,19 +41,35 @@ class WorkerConfig:
         return self.lease_seconds / 3
 
 
+def _default_id() -> str:
+    """host-pid-random, the host name cut down to what a worker id may hold."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:100].strip("._-")
+    return f"{host or 'worker'}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _worker_id(env: common.EnvReader) -> str:
+    """WORKER_ID, checked by the queue's own rule: one it would refuse is a config error
+    here, not a registration retried for ever."""
+    worker_id = env.text("ID", "")
+    if not worker_id:
+        return _default_id()
+    if not is_valid_id(worker_id):
+        env.problems.append(f"WORKER_ID={worker_id!r} is not a valid worker id: {ID_RULE}")
+    return worker_id
+
+
 def load(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     environ = os.environ if environ is None else environ
     env = common.EnvReader("WORKER_", environ)
     shared, shared_env = common.read_shared(environ)
-    default_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     config = WorkerConfig(
         shared=shared,
-        worker_id=env.text("ID", default_id),
+        worker_id=_worker_id(env),
         worker_type=env.choice("TYPE", "process", WORKER_TYPES),
         slots=env.integer("SLOTS", 2, minimum=1, maximum=256),
-        queue_address=env.text("QUEUE_ADDRESS", "127.0.0.1:50052"),
-        jobs_address=env.text("JOBS_ADDRESS", "127.0.0.1:50051"),
-        vms_address=env.text("VMS_ADDRESS", "127.0.0.1:50053"),
+        queue_address=env.address("QUEUE_ADDRESS", "127.0.0.1:50052"),
+        jobs_address=env.address("JOBS_ADDRESS", "127.0.0.1:50051"),
+        vms_address=env.address("VMS_ADDRESS", "127.0.0.1:50053"),
         lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600.0),
         poll_wait=env.number("POLL_WAIT", 10.0, minimum=0.0, maximum=60.0),
         drain_grace=env.number("DRAIN_GRACE", 30.0, minimum=0.0, maximum=86400.0),

@@ -23,6 +23,7 @@ from services.common.backoff import backoff
 from services.common.errors import describe
 from services.common.outbox import Transient
 from services.common.pbtime import seconds
+from services.common.startup import StartupError
 from services.worker.adapters import Adapter, Execution, Result, StartFailed, Task
 from services.worker.config import WorkerConfig
 from services.worker.jobs_client import OutputPort
@@ -37,6 +38,25 @@ POLL_STEP = 0.2
 MIN_CLAIM_PERIOD = 0.5
 UNAVAILABLE_BACKOFF_BASE = 1.0
 UNAVAILABLE_BACKOFF_CAP = 30.0
+# A registration refused for one of these will be refused again: a setting is wrong.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+_HINTS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "",
+    grpc.StatusCode.UNAUTHENTICATED: " (the token is missing, or not one the queue knows)",
+    grpc.StatusCode.PERMISSION_DENIED: " (the token is not the queue's worker token)",
+}
+# RegisterWorker's fields, by the setting that fills each.
+_SETTING_OF = {
+    "worker_id": "WORKER_ID",
+    "worker_type": "WORKER_TYPE",
+    "slots": "WORKER_SLOTS",
+}
 
 
 class Worker:
@@ -133,12 +153,29 @@ class Worker:
                 )
                 return
             except (Transient, grpc.RpcError) as exc:
+                if isinstance(exc, grpc.RpcError) and exc.code() in _REFUSED:
+                    raise StartupError(self._refusal(exc)) from None
                 failures += 1
                 delay = backoff(failures, base=0.5, cap=10.0)
                 log.warning(
                     "cannot register with the queue (%s); retrying in %.1fs", _why(exc), delay
                 )
                 self._stopping.wait(delay)
+
+    def _refusal(self, exc: grpc.RpcError) -> str:
+        """One line for a registration the queue refused: the setting to look at first."""
+        failure = describe(exc)
+        if failure.code == grpc.StatusCode.INVALID_ARGUMENT:
+            fields = {field.split("[")[0] for field, _ in failure.field_violations}
+            named = sorted(_SETTING_OF[f] for f in fields if f in _SETTING_OF)
+            settings = ", ".join(named) or "WORKER_ID or WORKER_TYPE"
+        else:  # UNAUTHENTICATED, PERMISSION_DENIED
+            settings = "BLIXARD_WORKER_TOKEN"
+        why = " ".join(str(failure).split())  # one line, whatever the queue said
+        return (
+            f"{settings}: the queue at {self.settings.queue_address} refused to register "
+            f"this worker: {why}{_HINTS[failure.code]}"
+        )
 
     def _wait_for_free_slot(self) -> int:
         with self._lock:

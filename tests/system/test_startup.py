@@ -6,13 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent import futures
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from blixard.queue.v1 import queue_service_pb2_grpc
 
+from services.common.errors import InvalidArgument, abort
 from tests.conftest import free_port
 from tests.deployment import ROOT, start_service, stop_process, wait_healthy
 
@@ -153,3 +160,181 @@ def test_sigterm_stops_an_idle_worker_with_exit_code_zero(tmp_path: Path) -> Non
     finally:
         stop_process(process)
     assert code == 0, (tmp_path / "log").read_text()
+
+
+# ---- a schema from a newer release -------------------------------------------------------
+
+
+def _database_at(path: Path, service: str, *revisions: str) -> str:
+    """A SQLite database whose version table says ``revisions`` (as a newer release left it)."""
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(
+            f"CREATE TABLE {service}_alembic_version (version_num VARCHAR(32) PRIMARY KEY)"
+        )
+        connection.executemany(
+            f"INSERT INTO {service}_alembic_version VALUES (?)", [(r,) for r in revisions]
+        )
+    return f"sqlite:///{path}"
+
+
+def _service_env(service: str, tmp_path: Path, url: str) -> dict[str, str]:
+    prefix = SERVICES[service]
+    env = {f"{prefix}GRPC_PORT": str(free_port()), f"{prefix}DATABASE_URL": url}
+    if service == "vms":
+        env.update(VMS_MANAGER="none", VMS_STATE_DIR=str(tmp_path / "vms"))
+    return env
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_a_database_migrated_by_a_newer_release_is_one_line(service: str, tmp_path: Path) -> None:
+    url = _database_at(tmp_path / "db.sqlite3", service, "9999_future")
+    result = run_to_exit(f"services.{service}", _service_env(service, tmp_path, url))
+    assert_one_line(
+        result,
+        f"{SERVICES[service]}DATABASE_URL",
+        "'9999_future'",
+        "newer than this release or unknown to it",
+    )
+    assert result.returncode == 1
+
+
+def test_a_version_table_alembic_cannot_read_is_one_line(tmp_path: Path) -> None:
+    url = _database_at(tmp_path / "db.sqlite3", "jobs", "9999_future", "9998_other")
+    result = run_to_exit("services.jobs", _service_env("jobs", tmp_path, url))
+    assert_one_line(result, "JOBS_DATABASE_URL", "cannot migrate the schema")
+    assert result.returncode == 1
+
+
+# ---- the worker's id and its registration ------------------------------------------------
+
+
+def test_the_worker_rejects_a_malformed_id() -> None:
+    result = run_to_exit(
+        "services.worker",
+        {"WORKER_ID": "my worker", "WORKER_QUEUE_ADDRESS": f"127.0.0.1:{free_port()}"},
+        timeout=15,
+    )
+    assert_one_line(result, "WORKER_ID='my worker' is not a valid worker id")
+    assert result.returncode == 2
+
+
+@pytest.fixture(scope="module")
+def guarded_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real queue service that wants tokens: worker ``w``, client ``c``, admin ``a``."""
+    workdir = tmp_path_factory.mktemp("guarded-queue")
+    port = free_port()
+    process = start_service(
+        "services.queue",
+        {
+            "QUEUE_GRPC_PORT": str(port),
+            "QUEUE_DATABASE_URL": f"sqlite:///{workdir}/queue.sqlite3",
+            "BLIXARD_WORKER_TOKEN": "w",
+            "BLIXARD_CLIENT_TOKEN": "c",
+            "BLIXARD_ADMIN_TOKEN": "a",
+        },
+        workdir / "log",
+    )
+    try:
+        wait_healthy(f"127.0.0.1:{port}", process=process)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize(
+    "token, code",
+    [(None, "UNAUTHENTICATED"), ("nonsense", "UNAUTHENTICATED"), ("c", "PERMISSION_DENIED")],
+)
+def test_a_worker_the_queue_refuses_names_its_token(
+    guarded_queue: str, token: str | None, code: str
+) -> None:
+    env = {"WORKER_QUEUE_ADDRESS": guarded_queue}
+    if token is not None:
+        env["BLIXARD_WORKER_TOKEN"] = token
+    result = run_to_exit("services.worker", env, timeout=15)
+    assert_one_line(result, "BLIXARD_WORKER_TOKEN", code, guarded_queue)
+    assert result.returncode == 1
+
+
+class _StricterQueue(queue_service_pb2_grpc.QueueServiceServicer):
+    """A queue (of another release, say) that refuses this worker's id."""
+
+    def RegisterWorker(self, request: Any, context: grpc.ServicerContext) -> Any:
+        abort(
+            context,
+            InvalidArgument(
+                "the request has 1 problem: worker_id: at most 8 characters",
+                violations=[("worker_id", "at most 8 characters")],
+            ),
+        )
+
+
+@pytest.fixture
+def stricter_queue() -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(_StricterQueue(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def test_a_worker_registration_refused_as_invalid_names_the_setting(stricter_queue: str) -> None:
+    result = run_to_exit(
+        "services.worker",
+        {"WORKER_QUEUE_ADDRESS": stricter_queue, "WORKER_ID": "a-long-worker-name"},
+        timeout=15,
+    )
+    assert_one_line(result, "WORKER_ID", "INVALID_ARGUMENT", "worker_id: at most 8 characters")
+    assert result.returncode == 1
+
+
+# ---- peer addresses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, setting",
+    [
+        ("services.jobs", "JOBS_QUEUE_ADDRESS"),
+        ("services.queue", "QUEUE_JOBS_ADDRESS"),
+        ("services.worker", "WORKER_QUEUE_ADDRESS"),
+        ("services.worker", "WORKER_JOBS_ADDRESS"),
+        ("services.worker", "WORKER_VMS_ADDRESS"),
+    ],
+)
+def test_a_malformed_peer_address_names_the_setting(
+    module: str, setting: str, tmp_path: Path
+) -> None:
+    # Should it start after all: not on the default ports, nor on a real database.
+    service = module.rsplit(".", 1)[1]
+    if service in SERVICES:
+        env = _service_env(service, tmp_path, f"sqlite:///{tmp_path}/db.sqlite3")
+    else:
+        env = {"WORKER_QUEUE_ADDRESS": f"127.0.0.1:{free_port()}"}
+    env[setting] = "127.0.0.1:5OO52"  # letter O, not zero
+    result = run_to_exit(module, env, timeout=15)
+    assert_one_line(result, f"{setting}='127.0.0.1:5OO52' is not host:port", "'5OO52'")
+    assert result.returncode == 2
+
+
+def test_every_bad_worker_setting_is_named_at_once() -> None:
+    result = run_to_exit(
+        "services.worker",
+        {
+            "WORKER_ID": "my worker",
+            "WORKER_QUEUE_ADDRESS": "queue",
+            "WORKER_JOBS_ADDRESS": "::1:50051",
+            "WORKER_VMS_ADDRESS": "unix:/run/vms.sock",
+        },
+        timeout=15,
+    )
+    assert_one_line(
+        result,
+        "WORKER_ID='my worker'",
+        "WORKER_QUEUE_ADDRESS='queue' is not host:port (no port)",
+        "WORKER_JOBS_ADDRESS='::1:50051' is not host:port (an IPv6 address goes in brackets",
+        "WORKER_VMS_ADDRESS='unix:/run/vms.sock' is not host:port",
+    )
+    assert result.returncode == 2

@@ -9,6 +9,7 @@ from services.common.config import (
     EnvReader,
     ServerSettings,
     Tokens,
+    address_problem,
     check_auth_binding,
     finish,
     is_loopback,
@@ -236,3 +237,61 @@ def test_waiting_calls_may_hold_all_server_threads_but_a_quarter() -> None:
         raise RuntimeError("the call failed")
     with slots.hold() as after_failure:
         assert after_failure
+
+
+# ---- peer addresses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.1:50052",
+        "localhost:1",
+        "queue:65535",
+        "queue-1.svc.cluster.local:50052",
+        "blixard_queue_1:50052",
+        "[::1]:50052",
+        "[fe80::1%eth0]:50052",
+    ],
+)
+def test_an_address_is_host_and_port(value: str) -> None:
+    env = EnvReader("JOBS_", {"JOBS_QUEUE_ADDRESS": value})
+    assert env.address("QUEUE_ADDRESS", "127.0.0.1:1") == value
+    finish(env)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("127.0.0.1:5OO52", "the port '5OO52' is not a number"),
+        ("queue:0", "the port 0 is not between 1 and 65535"),
+        ("queue:65536", "the port 65536 is not between 1 and 65535"),
+        ("queue:+80", "the port '+80' is not a number"),
+        ("queue", "no port"),
+        ("queue:", "no port"),
+        (":50052", "no host"),
+        ("my queue:50052", "the host 'my queue' is not a host name or an IP address"),
+        ("999.1.1.1:50052", "the host '999.1.1.1' is not a host name or an IP address"),
+        ("::1:50052", "an IPv6 address goes in brackets, as in [::1]:50051"),
+        ("[::1", "the IPv6 address has no closing ]"),
+        ("[::1]", "no port"),
+        ("[::1]x:1", "'x:1' after the ] is not :port"),
+        ("[queue]:1", "'queue' in brackets is not an IPv6 address"),
+        ("unix:/run/queue.sock", "give host:port without a scheme"),
+        ("dns:///queue:50052", "give host:port without a scheme"),
+        ("http://queue:50052", "give host:port without a scheme"),
+    ],
+)
+def test_a_malformed_address_names_the_setting(value: str, problem: str) -> None:
+    env = EnvReader("JOBS_", {"JOBS_QUEUE_ADDRESS": value})
+    assert env.address("QUEUE_ADDRESS", "127.0.0.1:50052") == "127.0.0.1:50052"
+    message = error_of(env)
+    assert message.startswith(f"JOBS_QUEUE_ADDRESS={value!r} is not host:port (")
+    assert problem in message
+    assert address_problem(value) is not None
+
+
+def test_an_unset_address_is_the_default() -> None:
+    env = EnvReader("JOBS_", {"JOBS_QUEUE_ADDRESS": "  "})
+    assert env.address("QUEUE_ADDRESS", "127.0.0.1:50052") == "127.0.0.1:50052"
+    finish(env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.config import ConfigError, ServerSettings, Tokens
+from services.common.jobspec import is_valid_id
 from services.jobs import config as jobs_config
 from services.queue import config as queue_config
 from services.queue.domain import RetryPolicy
@@ -213,3 +214,61 @@ def test_worker_errors_name_every_setting_in_one_line() -> None:
     assert "WORKER_TYPE='docker' is not one of process, mock" in message
     assert "WORKER_LEASE is not a known setting" in message
     assert "BLIXARD_TRACES='jaeger'" in message
+
+
+# ---- peer addresses and the worker's id --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("load", "setting"),
+    [
+        (jobs_config.load, "JOBS_QUEUE_ADDRESS"),
+        (queue_config.load, "QUEUE_JOBS_ADDRESS"),
+        (worker_config.load, "WORKER_QUEUE_ADDRESS"),
+        (worker_config.load, "WORKER_JOBS_ADDRESS"),
+        (worker_config.load, "WORKER_VMS_ADDRESS"),
+    ],
+)
+def test_a_peer_address_must_be_host_and_port(load, setting: str) -> None:  # type: ignore[no-untyped-def]
+    message = one_line_error(load, {setting: "127.0.0.1:5OO52"})
+    assert (
+        message
+        == f"{setting}='127.0.0.1:5OO52' is not host:port (the port '5OO52' is not a number)"
+    )
+    assert load({setting: "[::1]:50099"}) is not None
+
+
+def test_worker_bad_addresses_and_id_are_named_at_once() -> None:
+    message = one_line_error(
+        worker_config.load,
+        {
+            "WORKER_ID": "my worker",
+            "WORKER_QUEUE_ADDRESS": "queue:0",
+            "WORKER_JOBS_ADDRESS": "jobs",
+            "WORKER_SLOTS": "none",
+        },
+    )
+    assert "WORKER_ID='my worker' is not a valid worker id: letters, digits and ._:@-" in message
+    assert "WORKER_QUEUE_ADDRESS='queue:0' is not host:port (the port 0 is not" in message
+    assert "WORKER_JOBS_ADDRESS='jobs' is not host:port (no port)" in message
+    assert "WORKER_SLOTS='none' is not an integer" in message
+
+
+@pytest.mark.parametrize("worker_id", ["my worker", "-w", "w/1", "w" * 129, "wörker"])
+def test_worker_id_follows_the_queues_rule(worker_id: str) -> None:
+    message = one_line_error(worker_config.load, {"WORKER_ID": worker_id})
+    assert message.startswith(f"WORKER_ID={worker_id!r} is not a valid worker id")
+
+
+@pytest.mark.parametrize("worker_id", ["w", "w-1", "host.example:42@a_b", "W" * 128])
+def test_worker_ids_the_queue_takes_are_taken(worker_id: str) -> None:
+    assert worker_config.load({"WORKER_ID": worker_id}).worker_id == worker_id
+
+
+@pytest.mark.parametrize("hostname", ["", "-odd host name-", "h" * 300, "node_1.example.org"])
+def test_the_default_worker_id_passes_the_queues_rule(
+    hostname: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_config.socket, "gethostname", lambda: hostname)
+    worker_id = worker_config.load({}).worker_id
+    assert is_valid_id(worker_id), worker_id
