@@ -42,17 +42,18 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$")
 _WORKER_TYPE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 # Job, item and worker ids: what the queue accepts, and what a worker checks its WORKER_ID by.
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-ID_RULE = "letters, digits and ._:@-, starting with a letter or digit (at most 128 characters)"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+MAX_ID = 128
+ID_RULE = "letters, digits and ._:@-, starting with a letter or digit (at most {} characters)"
 
 
-def is_valid_id(value: str) -> bool:
-    return _ID.fullmatch(value) is not None
+def is_valid_id(value: str, at_most: int = MAX_ID) -> bool:
+    return len(value) <= at_most and _ID.fullmatch(value) is not None
 
 
-def check_id(value: str, field: str, problems: Problems) -> None:
+def check_id(value: str, field: str, problems: Problems, at_most: int = MAX_ID) -> None:
     if problems.check(bool(value), field, "required"):
-        problems.check(is_valid_id(value), field, ID_RULE)
+        problems.check(is_valid_id(value, at_most), field, ID_RULE.format(at_most))
 
 
 def check_labels(labels: Mapping[str, str], field: str, problems: Problems) -> None:

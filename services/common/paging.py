@@ -1,31 +1,38 @@
-"""Opaque page tokens: the keyset position a list stopped at, for the client to hand back."""
+"""Opaque page tokens: the keyset position a list stopped at, for the client to hand back.
+
+A servicer decodes the token into the request's ``Problems``, so a bad token is reported
+with the request's other problems (one INVALID_ARGUMENT), and hands the position on."""
 
 from __future__ import annotations
 
 import base64
 
-from services.common.errors import InvalidArgument
+from services.common.validation import Problems
 
 _SEPARATOR = "\x1f"
+FIELD = "page_token"
 
 
 def encode(*parts: str) -> str:
     return base64.urlsafe_b64encode(_SEPARATOR.join(parts).encode()).decode()
 
 
-def decode(token: str, count: int) -> list[str]:
-    """The ``count`` parts of a token this service gave out; INVALID_ARGUMENT otherwise."""
+def decode(token: str, count: int, problems: Problems) -> list[str] | None:
+    """The ``count`` parts of a token this service gave out; None when there is no token
+    (the first page), and None when it is not one of ours, which ``problems`` is told."""
+    if not token:
+        return None
     try:
         parts = base64.urlsafe_b64decode(token.encode()).decode().split(_SEPARATOR)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid_token() from None
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        parts = []
     if len(parts) != count:
-        raise invalid_token()
+        not_ours(problems)
+        return None
     return parts
 
 
-def invalid_token() -> InvalidArgument:
-    return InvalidArgument(
-        "page_token is not a token this service gave out",
-        violations=[("page_token", "not a token this service gave out")],
-    )
+def not_ours(problems: Problems) -> None:
+    """Tell ``problems`` that the page token is not one this service gave out (for a
+    caller whose own reading of the parts fails)."""
+    problems.add(FIELD, "not a token this service gave out")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from services.common import paging
 from services.common.clock import Clock
 from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
 from services.common.feed import ChangeFeed
@@ -100,15 +99,19 @@ class JobManager:
         return job
 
     def list_jobs(
-        self, page_size: int, page_token: str, where: JobFilter | None = None
-    ) -> tuple[list[Job], str]:
-        after = decode_page_token(page_token) if page_token else None
+        self,
+        page_size: int,
+        after: tuple[datetime, str] | None = None,
+        where: JobFilter | None = None,
+    ) -> tuple[list[Job], tuple[datetime, str] | None]:
+        """A page of jobs in creation order from just past ``after`` (created_at, job_id),
+        and the position the next page starts after (None: there is no next page)."""
         jobs = self.store.list_jobs(limit=page_size + 1, after=after, where=where or JobFilter())
         if len(jobs) <= page_size:
-            return jobs, ""
+            return jobs, None
         jobs = jobs[:page_size]
         last = jobs[-1]
-        return jobs, encode_page_token(last.created_at, last.job_id)
+        return jobs, (last.created_at, last.job_id)
 
     def cancel(self, job_id: str, reason: str, actor: str = "client") -> Job:
         with self.store.transaction() as tx:
@@ -223,15 +226,3 @@ class JobManager:
         if read is not None and read.attempt != attempt and after > 0:
             read = self.store.read_output(job_id, generation, 0)
         return read or OutputRead(generation, attempt)
-
-
-def encode_page_token(created_at: datetime, job_id: str) -> str:
-    return paging.encode(created_at.isoformat(), job_id)
-
-
-def decode_page_token(token: str) -> tuple[datetime, str]:
-    created, job_id = paging.decode(token, 2)
-    try:
-        return datetime.fromisoformat(created), job_id
-    except ValueError:
-        raise paging.invalid_token() from None

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from datetime import datetime
 
 import grpc
 from blixard.jobs.v1 import jobs_service_pb2 as pb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
-from services.common import telemetry
+from services.common import paging, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import (
@@ -77,6 +78,27 @@ def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> Non
     problems.check(len(job_id) <= 64, field, "at most 64 characters")
 
 
+def _page_position(token: str, problems: Problems) -> tuple[datetime, str] | None:
+    """The (created_at, job_id) a ListJobs page token stands for; None for the first page,
+    or for a token that is not ours, which ``problems`` is told."""
+    parts = paging.decode(token, 2, problems)
+    if parts is None:
+        return None
+    created, job_id = parts
+    try:
+        return datetime.fromisoformat(created), job_id
+    except ValueError:
+        paging.not_ours(problems)
+        return None
+
+
+def _page_token(position: tuple[datetime, str] | None) -> str:
+    if position is None:
+        return ""
+    created_at, job_id = position
+    return paging.encode(created_at.isoformat(), job_id)
+
+
 class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager, waits: WaitSlots) -> None:
         self.manager = manager
@@ -119,6 +141,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             "page_size",
             f"between 0 and {MAX_PAGE_SIZE} (0 = {DEFAULT_PAGE_SIZE})",
         )
+        after = _page_position(request.page_token, problems)
         for i, value in enumerate(request.states):
             problems.check(convert.is_state(value), f"states[{i}]", f"{value} is not a job state")
         check_labels(request.labels, "labels", problems)
@@ -142,11 +165,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 "must be later than created_after",
             )
         problems.raise_if_any()
-        jobs, token = self.manager.list_jobs(
-            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, convert.job_filter(request)
+        jobs, last = self.manager.list_jobs(
+            request.page_size or DEFAULT_PAGE_SIZE, after, convert.job_filter(request)
         )
         return pb.ListJobsResponse(
-            jobs=[convert.job_message(j) for j in jobs], next_page_token=token
+            jobs=[convert.job_message(j) for j in jobs], next_page_token=_page_token(last)
         )
 
     def CancelJob(

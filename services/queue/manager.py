@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from services.common import paging
 from services.common.clock import Clock
 from services.common.combiner import Combiner
 from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound
@@ -628,15 +627,16 @@ class QueueManager:
         )
 
     def list_items(
-        self, page_size: int, page_token: str, states: list[ItemState], worker_type: str
+        self, page_size: int, after: str, states: list[ItemState], worker_type: str
     ) -> tuple[list[Item], str]:
-        after = paging.decode(page_token, 1)[0] if page_token else ""
+        """A page of items in job_id order from just past ``after`` ("" for the first page),
+        and the job_id the next page starts after ("" when there is no next page)."""
         items = self.store.list_items(
             limit=page_size + 1, after=after, states=states, worker_type=worker_type
         )
         if len(items) <= page_size:
             return items, ""
-        return items[:page_size], paging.encode(items[page_size - 1].job_id)
+        return items[:page_size], items[page_size - 1].job_id
 
     # ---- workers ----------------------------------------------------------------------
 

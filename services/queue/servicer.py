@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 
 import grpc
 from blixard.queue.v1 import queue_service_pb2 as pb
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
-from services.common import pbtime, telemetry
+from services.common import paging, pbtime, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
+from services.common.jobspec import check_id as _check_id
 from services.common.server import WaitSlots
 from services.common.validation import Problems, check_each
 from services.queue import convert
@@ -45,24 +45,25 @@ MAX_TAIL_BYTES = 64 * 1024
 MAX_BATCH = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
 MAX_ENQUEUE_BATCH = 500
 
 
+# The jobs service takes status reports for job ids of at most 64 characters, and
+# items.job_id is 64 wide: a longer item could never report its state.
+MAX_JOB_ID = 64
+
+
+def _check_job_id(value: str, problems: Problems) -> None:
+    _check_id(value, "job_id", problems, at_most=MAX_JOB_ID)
+
+
 def _check_enqueue(request: pb.EnqueueRequest, problems: Problems) -> None:
-    _check_id(request.job_id, "job_id", problems)
+    _check_job_id(request.job_id, problems)
     problems.check(request.generation >= 1, "generation", "at least 1")
     if problems.check(request.HasField("spec"), "spec", "required"):
         check_spec(request.spec, "spec", problems)
-
-
-def _check_id(value: str, field: str, problems: Problems) -> None:
-    if problems.check(bool(value), field, "required"):
-        problems.check(
-            bool(_ID.match(value)), field, "letters, digits and ._:@- (at most 128 characters)"
-        )
 
 
 def _check_worker(worker_id: str, worker_type: str, problems: Problems) -> None:
@@ -240,7 +241,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.CancelItemRequest, context: grpc.ServicerContext
     ) -> pb.CancelItemResponse:
         problems = Problems()
-        _check_id(request.job_id, "job_id", problems)
+        _check_job_id(request.job_id, problems)
         problems.raise_if_any()
         item = self.manager.cancel(request.job_id, request.generation)
         return pb.CancelItemResponse(item=convert.item_message(item))
@@ -249,7 +250,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.RedriveRequest, context: grpc.ServicerContext
     ) -> pb.RedriveResponse:
         problems = Problems()
-        _check_id(request.job_id, "job_id", problems)
+        _check_job_id(request.job_id, problems)
         problems.raise_if_any()
         return pb.RedriveResponse(item=convert.item_message(self.manager.redrive(request.job_id)))
 
@@ -257,7 +258,7 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.GetItemRequest, context: grpc.ServicerContext
     ) -> pb.GetItemResponse:
         problems = Problems()
-        _check_id(request.job_id, "job_id", problems)
+        _check_job_id(request.job_id, problems)
         problems.raise_if_any()
         return pb.GetItemResponse(item=convert.item_message(self.manager.get(request.job_id)))
 
@@ -287,6 +288,8 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         problems.check(
             0 <= request.page_size <= MAX_PAGE_SIZE, "page_size", f"between 0 and {MAX_PAGE_SIZE}"
         )
+        position = paging.decode(request.page_token, 1, problems)
+        after = position[0] if position else ""
         states = []
         for i, value in enumerate(request.states):
             state = convert.item_state(value)
@@ -296,11 +299,12 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         if request.worker_type:
             check_worker_type(request.worker_type, "worker_type", problems)
         problems.raise_if_any()
-        items, token = self.manager.list_items(
-            request.page_size or DEFAULT_PAGE_SIZE, request.page_token, states, request.worker_type
+        items, last = self.manager.list_items(
+            request.page_size or DEFAULT_PAGE_SIZE, after, states, request.worker_type
         )
         return pb.ListItemsResponse(
-            items=[convert.item_message(item) for item in items], next_page_token=token
+            items=[convert.item_message(item) for item in items],
+            next_page_token=paging.encode(last) if last else "",
         )
 
     def RegisterWorker(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common import config as common
-from services.common.jobspec import ID_RULE, is_valid_id
+from services.common.jobspec import ID_RULE, MAX_ID, is_valid_id
 from services.worker.tracker import TrackerLimits
 
 WORKER_TYPES = ("process", "mock", "vm")
@@ -54,7 +54,9 @@ def _worker_id(env: common.EnvReader) -> str:
     if not worker_id:
         return _default_id()
     if not is_valid_id(worker_id):
-        env.problems.append(f"WORKER_ID={worker_id!r} is not a valid worker id: {ID_RULE}")
+        env.problems.append(
+            f"WORKER_ID={worker_id!r} is not a valid worker id: {ID_RULE.format(MAX_ID)}"
+        )
     return worker_id
 
 

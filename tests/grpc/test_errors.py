@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.common import pbtime
+from services.common import paging, pbtime
 from services.common.errors import RpcFailure, describe
 from tests.grpc.conftest import RPC_TIMEOUT, Stack, spec
 
@@ -249,6 +249,27 @@ def test_a_bad_page_token_is_invalid(stack: Stack) -> None:
 
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in failure.field_violations] == ["page_token"]
+
+
+NOT_OUR_TOKENS = {
+    "not-base64": "not-a-token!",
+    "one-part": paging.encode("2024-01-01T00:00:00+00:00"),
+    "not-a-time": paging.encode("yesterday", "job-1"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_OUR_TOKENS))
+def test_a_bad_page_token_is_listed_with_the_other_problems(stack: Stack, kind: str) -> None:
+    request = jpb.ListJobsRequest(page_size=5000, page_token=NOT_OUR_TOKENS[kind])
+
+    failure, error = _fails(stack.jobs_stub().ListJobs, request)
+
+    # One INVALID_ARGUMENT naming both, not the page size now and the token on the next call.
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    [bad_request] = _details(error, error_details_pb2.BadRequest)
+    fields = [v.field for v in bad_request.field_violations]
+    assert sorted(fields) == ["page_size", "page_token"]
+    assert "2 problems" in failure.message
 
 
 # ---- queue fencing ---------------------------------------------------------------------

@@ -69,6 +69,60 @@ def test_list_items_pages_and_filters(make_stack: Callable[..., Stack]) -> None:
     assert {f for f, _ in describe(error.value).field_violations} == {"page_size", "states[0]"}
 
 
+def test_a_bad_page_token_is_listed_with_the_other_problems(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stub = make_stack().start_pair().queue_stub()
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListItems(qpb.ListItemsRequest(page_size=5000, page_token="not-a-token!"), timeout=10)
+
+    # One INVALID_ARGUMENT naming both, not the page size now and the token on the next call.
+    failure = describe(error.value)
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(f for f, _ in failure.field_violations) == ["page_size", "page_token"]
+
+
+def test_job_ids_are_held_to_the_jobs_services_64_characters(
+    make_stack: Callable[..., Stack],
+) -> None:
+    # The jobs service takes status reports for job ids of at most 64 characters, and
+    # items.job_id holds 64: a longer item could never report its state.
+    stub = make_stack().start_pair().queue_stub()
+    longest, too_long = "j" * 64, "j" * 65
+
+    assert enqueue(stub, longest).item.job_id == longest
+    assert stub.GetItem(qpb.GetItemRequest(job_id=longest), timeout=10).item.job_id == longest
+    refused = [
+        (stub.Enqueue, qpb.EnqueueRequest(job_id=too_long, generation=1, spec=spec("true"))),
+        (stub.GetItem, qpb.GetItemRequest(job_id=too_long)),
+        (stub.CancelItem, qpb.CancelItemRequest(job_id=too_long, generation=1)),
+        (stub.Redrive, qpb.RedriveRequest(job_id=too_long)),
+    ]
+    for call, request in refused:
+        with pytest.raises(grpc.RpcError) as error:
+            call(request, timeout=10)
+        failure = describe(error.value)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT, type(request).__name__
+        assert [f for f, _ in failure.field_violations] == ["job_id"], type(request).__name__
+    batch = stub.BatchEnqueue(
+        qpb.BatchEnqueueRequest(
+            requests=[
+                qpb.EnqueueRequest(job_id=too_long, generation=1, spec=spec("true")),
+                qpb.EnqueueRequest(job_id="k" * 64, generation=1, spec=spec("true")),
+            ]
+        ),
+        timeout=10,
+    )
+
+    error_result, created = batch.results
+    assert error_result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "job_id" in error_result.error.message
+    assert created.response.item.job_id == "k" * 64
+    listed = stub.ListItems(qpb.ListItemsRequest(), timeout=10).items
+    assert sorted(item.job_id for item in listed) == [longest, "k" * 64]
+
+
 def test_get_stats_counts_by_state_and_worker_type(make_stack: Callable[..., Stack]) -> None:
     stub = make_stack().start_pair().queue_stub()
     for i in range(3):

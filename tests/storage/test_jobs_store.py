@@ -131,13 +131,13 @@ def test_unknown_job_is_not_found(manager: JobManager) -> None:
 def test_pagination_returns_every_job_once(manager: JobManager) -> None:
     ids = {manager.submit(None, SPEC, {})[0].job_id for _ in range(7)}
     seen: list[str] = []
-    token = ""
+    after: tuple[datetime, str] | None = None
     pages = 0
     while True:
-        jobs, token = manager.list_jobs(3, token)
+        jobs, after = manager.list_jobs(3, after)
         seen.extend(j.job_id for j in jobs)
         pages += 1
-        if not token:
+        if after is None:
             break
         manager.submit(None, SPEC, {})  # jobs added while paging are not a problem
     assert ids <= set(seen) and len(seen) == len(set(seen))
@@ -162,7 +162,7 @@ def test_filters_by_state_label_worker_type_and_time(manager: JobManager) -> Non
     manager.cancel(web.job_id, "")
 
     def ids(where: JobFilter) -> list[str]:
-        return [j.job_id for j in manager.list_jobs(100, "", where)[0]]
+        return [j.job_id for j in manager.list_jobs(100, None, where)[0]]
 
     assert ids(JobFilter(labels=(("team", "infra"),))) == [infra.job_id]
     assert ids(JobFilter(states=(JobState.CANCELLED,))) == [web.job_id]
