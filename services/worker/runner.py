@@ -38,6 +38,12 @@ POLL_STEP = 0.2
 MIN_CLAIM_PERIOD = 0.5
 UNAVAILABLE_BACKOFF_BASE = 1.0
 UNAVAILABLE_BACKOFF_CAP = 30.0
+# A completion or release the queue could not take is sent again for at least this long
+# (and twice the lease): a queue restarted meanwhile still holds the lease (it times a
+# lease it finds late for another lease length before ending it).
+REPORT_PATIENCE = 60.0
+REPORT_BACKOFF_BASE = 0.5
+REPORT_BACKOFF_CAP = 5.0
 # A registration refused for one of these will be refused again: a setting is wrong.
 _REFUSED = frozenset(
     {
@@ -388,12 +394,17 @@ class Worker:
         self._report(item, lambda: self.queue.release(item.token, reason[:1024]))
 
     def _report(self, item: ClaimedItem, send: Callable[[], None]) -> None:
-        for attempt in range(6):
+        give_up = time.monotonic() + max(REPORT_PATIENCE, 2 * self.settings.lease_seconds)
+        attempt = 0
+        while True:
             try:
                 send()
                 return
             except Transient as exc:
-                delay = backoff(attempt, base=0.5, cap=5.0)
+                delay = backoff(attempt, base=REPORT_BACKOFF_BASE, cap=REPORT_BACKOFF_CAP)
+                attempt += 1
+                if time.monotonic() + delay > give_up:
+                    break
                 log.warning(
                     "job %s: report failed (%s); retrying in %.1fs", item.job_id, exc, delay
                 )

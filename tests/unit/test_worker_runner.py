@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 from blixard.common.v1 import job_spec_pb2
 
-from services.worker import config
+from services.common.outbox import Transient
+from services.worker import config, runner
 from services.worker.adapters import Execution, OutputSink, Result, Task
 from services.worker.queue_client import ClaimedItem
 from services.worker.runner import Worker
@@ -242,3 +243,49 @@ def test_a_queue_that_names_no_worker_timeout_leaves_the_lease_based_interval(
     worker = run(running, queue, FakeAdapter())
     assert eventually(lambda: queue.claims)  # registered: it claims
     assert worker.heartbeat_interval == 0.5  # lease 1.5 s / 3
+
+
+@dataclass
+class DownQueue(FakeQueue):
+    """A queue that refuses the first completions as unreachable (it is restarting)."""
+
+    down_for: int = 0
+
+    def complete(
+        self, token: str, outcome: str, exit_code: int | None, output_tail: str, error: str
+    ) -> None:
+        with self.lock:
+            if self.down_for > 0:
+                self.down_for -= 1
+                raise Transient("UNAVAILABLE: connection refused")
+        super().complete(token, outcome, exit_code, output_tail, error)
+
+
+def test_a_completion_outlasts_a_queue_restart(
+    running: list,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty failed tries (a minute of a queue restart, at the real backoff) and the
+    completion still goes: the job does not run again because the queue was away."""
+    monkeypatch.setattr(runner, "REPORT_BACKOFF_BASE", 0.001)
+    monkeypatch.setattr(runner, "REPORT_BACKOFF_CAP", 0.002)
+    queue = DownQueue(waiting=[item("a")], down_for=20)
+    run(running, queue, FakeAdapter())
+    assert eventually(lambda: queue.completed)
+    assert queue.completed == [("a", "SUCCEEDED", 0)]
+
+
+def test_a_completion_is_given_up_once_the_lease_is_long_gone(
+    running: list,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(runner, "REPORT_PATIENCE", 0.0)  # twice the 1.5 s lease, then
+    monkeypatch.setattr(runner, "REPORT_BACKOFF_BASE", 0.2)
+    monkeypatch.setattr(runner, "REPORT_BACKOFF_CAP", 0.2)
+    queue = DownQueue(waiting=[item("a")], down_for=10**6)
+    started = time.monotonic()
+    run(running, queue, FakeAdapter())
+    assert eventually(lambda: "could not report" in caplog.text, timeout=10)
+    assert 2.5 <= time.monotonic() - started <= 8  # twice the lease, then it gives up
+    assert queue.completed == [] and 10**6 - queue.down_for > 6
