@@ -26,6 +26,7 @@ from google.protobuf import json_format
 
 from services.common import pbtime
 from services.common.client import open_channel
+from services.common.config import address_problem
 from services.common.errors import describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_RPC = 0, 1, 2, 3, 4
@@ -345,6 +346,10 @@ def _when(stamp: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    problem = address_problem(args.address)
+    if problem is not None:
+        print(f"blixctl: --address / BLIXCTL_ADDRESS {args.address!r}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     channel = open_channel(args.address, os.environ.get("BLIXARD_CLIENT_TOKEN") or None)
     cli = Cli(pb_grpc.JobServiceStub(channel), args.json)
     try:

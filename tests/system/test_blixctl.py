@@ -89,6 +89,21 @@ def test_errors_are_one_clear_message_and_exit_four(deployment: Deployment) -> N
         assert f"  {field}:" in invalid.stderr
 
 
+def test_a_malformed_address_is_one_line_and_exit_two() -> None:
+    env = {**os.environ, "BLIXCTL_ADDRESS": "127.0.0.1:5OO51"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "get", "j-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "BLIXCTL_ADDRESS" in line and "5OO51" in line and "not a number" in line
+
+
 def test_usage_mistakes_exit_two(deployment: Deployment) -> None:
     assert blixctl(deployment, "submit").returncode == 2
     assert blixctl(deployment, "submit", "--env", "novalue", "--", "true").returncode == 2
