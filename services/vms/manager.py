@@ -1013,9 +1013,15 @@ class PoolManager:
                 if kill_and_wait(pid):
                     self.counters.orphan_processes += 1
         # What those left running in a VM's directory (commands of the process backend).
+        # A process may end between the listing and the look at its directory (killing
+        # the ones above ends others): it has no directory then, and nothing to reap.
+        root = self.state_dir.resolve()
         for pid in processes_under(self.state_dir, None):
-            inside = Path(process_cwd(pid)).relative_to(self.state_dir).parts
-            if pid != os.getpid() and inside and inside[0] not in kept:
+            where = Path(process_cwd(pid))
+            if pid == os.getpid() or not where.is_relative_to(root):
+                continue
+            inside = where.relative_to(root).parts
+            if inside and inside[0] not in kept:
                 log.warning("reaping an orphan command %d", pid)
                 kill_and_wait(pid)
                 self.counters.orphan_processes += 1

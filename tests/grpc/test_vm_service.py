@@ -31,6 +31,7 @@ from services.common import pbtime
 from services.common.errors import describe
 from services.vms import bootstrap
 from services.vms import config as vms_config
+from services.vms import manager as manager_module
 from services.vms.backend import START_STEPS, Faults, processes_under
 from services.vms.manager import PoolManager
 from tests.conftest import free_port, require
@@ -537,6 +538,34 @@ def test_recovery_takes_back_warm_vms_and_reaps_the_rest(tmp_path: Path, make_se
     assert not (state_dir / busy.vm_id).exists()
     assert len(processes_under(state_dir, ("blixard-agent",))) == 1  # the warm one
     assert processes_under(state_dir, ("sleep",)) == []  # the busy VM's command went too
+    assert run(server, create(server).vm_id, ["echo", "ok"])[0] == [("stdout", b"ok\n")]
+
+
+def test_a_process_that_ends_during_recovery_does_not_stop_it(
+    tmp_path: Path,
+    make_server,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command a crash left in a VM's directory ends between recovery's listing of
+    processes and its look at their directories: recovery goes on (the service used to
+    start with no VM manager), and still removes what was left."""
+    make_server().stop()
+    leftover = tmp_path / "state" / "vm-gone"
+    leftover.mkdir(parents=True)
+    command = subprocess.Popen(["sleep", "60"], cwd=leftover)
+    look = manager_module.process_cwd
+
+    def ends_as_it_is_looked_at(pid: int) -> str:
+        if pid == command.pid:
+            command.kill()
+            command.wait()
+        return look(pid)
+
+    monkeypatch.setattr(manager_module, "process_cwd", ends_as_it_is_looked_at)
+    server = make_server()  # asserts a working manager, not NoManager
+
+    assert command.returncode is not None
+    assert not leftover.exists()
     assert run(server, create(server).vm_id, ["echo", "ok"])[0] == [("stdout", b"ok\n")]
 
 
