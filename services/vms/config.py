@@ -46,6 +46,7 @@ def load(environ: Mapping[str, str] | None = None) -> VmsConfig:
         max_memory_mb=max_memory,
         pre_warm_count=env.integer("PRE_WARM_COUNT", 1, minimum=0, maximum=1024),
         reuse_jobs=env.integer("REUSE_JOBS", 1, minimum=1, maximum=1_000_000),
+        max_uptime=env.number("MAX_UPTIME", 3600.0, minimum=0.0, maximum=365 * 86400.0),
         boot_timeout=env.number("BOOT_TIMEOUT", 60.0, minimum=1.0, maximum=3600.0),
         ping_interval=env.number("PING_INTERVAL", 5.0, minimum=0.05, maximum=3600.0),
         ping_failures=env.integer("PING_FAILURES", 3, minimum=1, maximum=1000),

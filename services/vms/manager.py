@@ -236,6 +236,7 @@ class Limits:
     max_memory_mb: int = 2048
     pre_warm_count: int = 1
     reuse_jobs: int = 1
+    max_uptime: float = 3600.0  # seconds a VM may be reused or wait in the pool (0 = no limit)
     boot_timeout: float = 60.0
     ping_interval: float = 5.0
     ping_failures: int = 3
@@ -678,6 +679,7 @@ class PoolManager:
                 and not item.exec_active
                 and item.vm.state.kind in (Kind.READY, Kind.IDLE)
                 and item.vm.jobs_run < self.limits.reuse_jobs
+                and not self._too_old(item)
                 and self._warm_count(booted=True) < self.limits.pre_warm_count
             )
             if reusable:
@@ -895,18 +897,29 @@ class PoolManager:
 
     # ---- the warm pool ----------------------------------------------------------------
 
+    def _too_old(self, item: Live) -> bool:
+        """Up longer than VMS_MAX_UPTIME: it is replaced rather than used again."""
+        limit = self.limits.max_uptime
+        return limit > 0 and (self.clock.now() - item.vm.created_at).total_seconds() >= limit
+
     def _fill_pool(self) -> None:
         while not self._stopping.is_set():
             with self._wake:
                 extra = [i for i in self._live.values() if i.vm.pooled and not i.ending]
-                if self._warm_count(booted=True) > self.limits.pre_warm_count:
+                old = [
+                    i for i in extra if i.vm.state.kind is not Kind.STARTING and self._too_old(i)
+                ]
+                if old:  # recycled: a fresh one boots in its place
+                    victim, why = old[0], "recycled: up longer than VMS_MAX_UPTIME"
+                    victim.ending = True
+                elif self._warm_count(booted=True) > self.limits.pre_warm_count:
                     # A released VM came back while a new one booted: the most used goes.
                     victim = max(extra, key=lambda i: i.vm.jobs_run)
-                    victim.ending = True
+                    victim.ending, why = True, "the warm pool is full"
                 else:
                     victim = None
             if victim is not None:
-                self._finish(victim, domain.Terminated("the warm pool is full"), "pool trim")
+                self._finish(victim, domain.Terminated(why), "pool trim")
                 continue
             with self._wake:
                 wanted = self.limits.pre_warm_count - self._warm_count()

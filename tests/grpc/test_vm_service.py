@@ -420,6 +420,34 @@ def test_release_recycles_a_vm_up_to_reuse_jobs(make_server) -> None:  # type: i
     assert [v.jobs_run for v in fresh.vms] == [0]
 
 
+def test_a_vm_up_longer_than_max_uptime_is_recycled_not_reused(make_server) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN: recycling after N jobs or max uptime. A warm VM that has waited longer
+    than VMS_MAX_UPTIME is replaced by a fresh one; one released after that long is
+    destroyed though it could run more jobs."""
+    server = make_server(VMS_PRE_WARM_COUNT="1", VMS_REUSE_JOBS="5", VMS_MAX_UPTIME="2")
+    first = eventually(lambda: pooled_ready(server), 10, "a warm VM")[0]
+    ended = eventually(lambda: ended_vm(server, first.vm_id), 10, "the warm VM to be recycled")
+    assert ended.reason == "recycled: up longer than VMS_MAX_UPTIME"
+    second = eventually(lambda: pooled_ready(server), 10, "a fresh warm VM")[0]
+    assert second.vm_id != first.vm_id
+
+    vm = create(server)  # it takes the fresh one, and keeps it past its uptime
+    run(server, vm.vm_id, ["true"])
+    time.sleep(2.1)
+    done = server.stub.ReleaseVm(pb.ReleaseVmRequest(vm_id=vm.vm_id), timeout=TIMEOUT).vm
+    assert (done.state, done.reason) == (pb.VM_STATE_TERMINATED, "released")
+
+
+def pooled_ready(server: VmServer) -> list[pb.Vm]:
+    vms = server.stub.ListVms(pb.ListVmsRequest(states=[pb.VM_STATE_READY]), timeout=TIMEOUT)
+    return [v for v in vms.vms if v.pooled]
+
+
+def ended_vm(server: VmServer, vm_id: str) -> pb.Vm | None:
+    vm = server.stub.GetVm(pb.GetVmRequest(vm_id=vm_id), timeout=TIMEOUT).vm
+    return vm if vm.state == pb.VM_STATE_TERMINATED else None
+
+
 # ---- failures: every start step, crashes, silence ----------------------------------------------
 
 
