@@ -24,7 +24,6 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
-    exists,
     func,
     select,
 )
@@ -87,22 +86,18 @@ class SqlOutbox:
         table = row.__table__  # type: ignore[attr-defined]  # a mapped class
         self._table: Table = table
         c = table.c
-        # A message waits while an earlier one of its key waits (postponed after a failed
-        # delivery): a receiver sees each key's messages in the order they were written
-        # (a job's RUNNING before its SUCCEEDED, which would make RUNNING a late no-op).
-        earlier = table.alias("earlier")
         self._due = (
             select(c.id, c.topic, c.key, c.payload, c.attempts)
-            .where(
-                c.next_attempt_at <= bindparam("now"),
-                ~exists().where(
-                    earlier.c.key == c.key,
-                    earlier.c.id < c.id,
-                    earlier.c.next_attempt_at > bindparam("now"),
-                ),
-            )
+            .where(c.next_attempt_at <= bindparam("now"))
             .order_by(c.id)
             .limit(bindparam("limit"))
+        )
+        # The first message of each key that waits (postponed after a failed delivery),
+        # on the next_attempt_at index: nothing, unless a delivery failed.
+        self._held = (
+            select(c.key, func.min(c.id))
+            .where(c.next_attempt_at > bindparam("now"))
+            .group_by(c.key)
         )
         self._delete = delete(table).where(c.id.in_(bindparam("ids", expanding=True)))
         self._insert = BulkWrite(engine, table, list(_COLUMNS))
@@ -131,11 +126,16 @@ class SqlOutbox:
         )
 
     def due(self, now: datetime, limit: int) -> list[Message]:
+        """Due messages in id order, but for those behind a waiting message of their key:
+        a receiver sees each key's messages in the order they were written (a job's
+        RUNNING before its SUCCEEDED, which would make RUNNING a late no-op)."""
         with self._reader.begin() as connection:
+            held: dict[str, int] = dict(connection.execute(self._held, {"now": now}).all())
             rows = connection.execute(self._due, {"now": now, "limit": limit}).all()
         return [
             Message(r.id, r.topic, r.key, json.loads(r.payload), r.attempts, len(r.payload))
             for r in rows
+            if r.id <= held.get(r.key, r.id)
         ]
 
     def delivered(self, message_id: int) -> None:
