@@ -44,15 +44,9 @@ UNAVAILABLE_BACKOFF_CAP = 30.0
 REPORT_PATIENCE = 60.0
 REPORT_BACKOFF_BASE = 0.5
 REPORT_BACKOFF_CAP = 5.0
-# A registration refused for one of these will be refused again: a setting is wrong.
-_REFUSED = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-    }
-)
-_HINTS = {
+# A registration refused with one of these codes will be refused again (a setting is
+# wrong): the hint each adds to the one line the worker ends with.
+_REFUSED_HINTS = {
     grpc.StatusCode.INVALID_ARGUMENT: "",
     grpc.StatusCode.UNAUTHENTICATED: " (the token is missing, or not one the queue knows)",
     grpc.StatusCode.PERMISSION_DENIED: " (the token is not the queue's worker token)",
@@ -159,7 +153,7 @@ class Worker:
                 )
                 return
             except (Transient, grpc.RpcError) as exc:
-                if isinstance(exc, grpc.RpcError) and exc.code() in _REFUSED:
+                if isinstance(exc, grpc.RpcError) and exc.code() in _REFUSED_HINTS:
                     raise StartupError(self._refusal(exc)) from None
                 failures += 1
                 delay = backoff(failures, base=0.5, cap=10.0)
@@ -180,7 +174,7 @@ class Worker:
         why = " ".join(str(failure).split())  # one line, whatever the queue said
         return (
             f"{settings}: the queue at {self.settings.queue_address} refused to register "
-            f"this worker: {why}{_HINTS[failure.code]}"
+            f"this worker: {why}{_REFUSED_HINTS[failure.code]}"
         )
 
     def _wait_for_free_slot(self) -> int:
