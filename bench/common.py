@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def machine_facts() -> list[tuple[str, str]]:
@@ -30,6 +31,16 @@ def machine_facts() -> list[tuple[str, str]]:
         ("sqlalchemy", sqlalchemy.__version__),
         ("platform", platform.platform()),
     ]
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process (all its threads) so far; with ``children``, also
+    that of its children it has waited for (cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

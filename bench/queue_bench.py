@@ -72,7 +72,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, func, insert, select, text
 
-from bench.common import Phases, Summary, machine_facts, ratio, say, table
+from bench.common import Phases, Summary, cpu_seconds, machine_facts, ratio, say, table
 from bench.jobs_bench import Backends
 from services.common import db, migrations
 from services.common.config import DEFAULT_GRPC_THREADS, Tokens
@@ -106,12 +106,6 @@ NO_WORK = "no work"  # the backend column of the ceiling runs (serve_no_work)
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_kib(pid: int) -> dict[str, int]:
