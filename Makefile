@@ -8,13 +8,14 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS := gen/.stamp
 
-.PHONY: help venv protos run test test-fast lint fmt bench migration up down logs clean
+.PHONY: help venv protos run test test-fast lint fmt bench bench-all bench-peers migration up down logs clean
 
 help:
 	@echo "make run     start jobs, queue and VM services and a worker on SQLite under ./var/"
 	@echo "make test    run the whole test suite"
 	@echo "make lint    ruff, mypy and buf lint"
 	@echo "make protos  generate the gRPC stubs into gen/"
+	@echo "make bench   the end-to-end benchmark (bench/README.md); make bench-peers: beside Celery and PgQueuer"
 
 $(INSTALLED): requirements.txt requirements-dev.txt requirements-protos.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,9 +63,37 @@ fmt: $(INSTALLED)
 	$(BIN)/ruff format services tools tests bench
 	$(BIN)/ruff check --fix services tools tests bench
 
+# Benchmarks (bench/README.md). `make bench`: the suite end to end, the peers' method
+# (BENCH_ARGS=--quick for a short run; BENCH_N, BENCH_REPS, BENCH_LAT_N as the peers').
+# `make bench-peers`: Celery and PgQueuer (../shared/peers/run.sh) and Blixard in one
+# invocation, one table with ratios and issue 16's targets; small knobs, overridable.
+PEERS_DIR ?= ../shared/peers
+BENCH_RESULTS ?= $(CURDIR)/var/bench-results
+
 bench: $(STUBS)
+	BENCH_RESULTS="$(BENCH_RESULTS)" $(PY) -m bench.e2e $(BENCH_ARGS)
+
+bench-all: bench
 	$(PY) -m bench.jobs_bench $(BENCH_ARGS)
 	$(PY) -m bench.queue_bench $(BENCH_ARGS)
+	$(PY) -m bench.worker_bench $(BENCH_ARGS)
+
+bench-peers: BENCH_N ?= 2000
+bench-peers: BENCH_REPS ?= 1
+bench-peers: BENCH_LAT_N ?= 100
+bench-peers: CELERY_SETTINGS ?= prefork-c2
+bench-peers: PGQUEUER_SETTINGS ?= 2proc-batch10
+bench-peers: $(STUBS)
+	@test -x "$(PEERS_DIR)/run.sh" || { echo "make bench-peers: no $(PEERS_DIR)/run.sh (the shared peers benchmark beside this checkout); set PEERS_DIR=/path/to/shared/peers" >&2; exit 1; }
+	@set -o pipefail; rc=0; \
+	export BENCH_N=$(BENCH_N) BENCH_REPS=$(BENCH_REPS) BENCH_LAT_N=$(BENCH_LAT_N) \
+		CELERY_SETTINGS=$(CELERY_SETTINGS) PGQUEUER_SETTINGS=$(PGQUEUER_SETTINGS) \
+		BENCH_RESULTS="$(BENCH_RESULTS)"; \
+	echo "== peers: $(PEERS_DIR)/run.sh celery pgqueuer (BENCH_N=$(BENCH_N) BENCH_REPS=$(BENCH_REPS) BENCH_LAT_N=$(BENCH_LAT_N))"; \
+	"$(PEERS_DIR)/run.sh" celery pgqueuer || rc=$$?; \
+	echo "== Blixard: bench/e2e.py $(BENCH_ARGS)"; \
+	$(PY) -m bench.e2e $(BENCH_ARGS) || rc=$$?; \
+	exit $$rc
 
 COMPOSE := $(PY) -m tools.compose
 

@@ -452,16 +452,37 @@ def render(results: Path, backends: Sequence[str], since: float | None = None) -
 
 
 def top_frames(path: Path, limit: int = 12) -> str:
-    """The busiest functions (own samples) of a py-spy ``--format raw`` file, by share."""
+    """The busiest functions (own samples) of a py-spy ``--format raw`` file, by share, and
+    the same samples grouped by the package or service module the function lives in."""
     own: Counter[str] = Counter()
+    where: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         total += int(count)
-        own[stack.split(";")[-1]] += int(count)
-    lines = [f"py-spy {path.name}: {total} samples"]
+        leaf = stack.split(";")[-1]
+        own[leaf] += int(count)
+        where[frame_home(leaf)] += int(count)
+    lines = [f"py-spy {path.name}: {total} samples (own time of the function on top)"]
     for frame, k in own.most_common(limit):
-        lines.append(f"  {k / total:6.1%}  {frame}")
+        lines.append(f"  {k / max(total, 1):6.1%}  {frame}")
+    lines.append("  by where the code lives:")
+    for home, k in where.most_common(limit):
+        lines.append(f"  {k / max(total, 1):6.1%}  {home}")
     return "\n".join(lines)
+
+
+def frame_home(frame: str) -> str:
+    """``name (path:line)`` -> the installed package, the service module, or the stdlib module."""
+    path = frame.rpartition(" (")[2].rstrip(")").rpartition(":")[0]
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if "/services/" in path:
+        return "services/" + path.split("/services/", 1)[1].removesuffix(".py")
+    if "/gen/" in path:
+        return "gen (generated stubs)"
+    if path.startswith("/usr/") or "/lib/python3" in path:
+        return "stdlib " + path.rsplit("/", 1)[-1].removesuffix(".py")
+    return path or frame
