@@ -799,8 +799,11 @@ def run_backend(
 
 
 def profile(env: Env, backend: str, setting: Setting, out_dir: Path) -> None:
-    """One more drain run (not reported) with py-spy recording the jobs and queue services
-    and the first worker; prints the busiest functions of each (own time)."""
+    """An enqueue and drain run (not reported) with py-spy recording the jobs and queue services
+    and the first worker; prints the busiest functions of each (own time). ``--gil``: only
+    the thread holding the GIL is sampled, so threads waiting in grpc's completion queues or
+    on a lock are not counted as busy (py-spy's idle detection misses those); work done
+    without the GIL (SQLite's own C code, grpc core threads) is not seen."""
     py_spy = Path(sys.executable).parent / "py-spy"
     out_dir.mkdir(parents=True, exist_ok=True)
     n = env.knobs.n
@@ -818,7 +821,7 @@ def profile(env: Env, backend: str, setting: Setting, out_dir: Path) -> None:
         for name, path in phase1.items():
             path.rename(path.with_name(f"{backend}-{name}-enqueue.txt"))
         suite.start_workers(setting)
-        time.sleep(0.3)
+        clients.wait_workers(list(suite.workers))  # their imports are not the jobs' cost
         procs = dict(suite.processes)
         first_worker = next(iter(suite.workers))
         procs["worker"] = suite.workers[first_worker]
@@ -869,7 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", help="comma list of sqlite,postgresql")
     parser.add_argument("--results", type=Path, help="where the JSON goes (BENCH_RESULTS)")
     parser.add_argument("--report-only", action="store_true", help="print the saved results")
-    parser.add_argument("--profile", type=Path, help="one more drain under py-spy; raw stacks")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="instead of the measured runs: one enqueue and drain (the last no-op setting) "
+        "under py-spy, raw stacks into this directory, the busiest functions printed",
+    )
     args = parser.parse_args(argv)
 
     default_results = Path(tempfile.gettempdir()) / "blixard-peers-results"
@@ -896,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(s.name for s in settings)}; `true` drains "
         f"{', '.join(s.name for s in true_settings) or 'none'}"
     )
-    for backend in backends:  # no stale figures under this run's name if a backend fails
+    for backend in backends if not args.profile else []:  # no stale figures if one fails
         (results / f"blixard-{backend}.json").unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="blixard-e2e-"))
     cluster: Cluster | None = None
@@ -912,6 +920,12 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.start()
             env = Env(knobs, cluster, tmp)
             say(f"== {backend}" + (f" ({cluster.settings()})" if cluster else ""))
+            if args.profile:
+                profile(env, backend, settings[-1], args.profile)
+                if cluster is not None:
+                    cluster.stop()
+                    cluster = None
+                continue
             try:
                 data = run_backend(env, backend, settings, true_settings)
             except Exception as exc:  # one backend failing still reports the other
@@ -923,8 +937,6 @@ def main(argv: list[str] | None = None) -> int:
                 data["pg_settings"] = cluster.settings()
             path = e2e_report.write_result(results, f"blixard-{backend}", data, knobs)
             say(f"   results: {path}")
-            if args.profile:
-                profile(env, backend, settings[-1], args.profile)
             if cluster is not None:
                 cluster.stop()
                 cluster = None
@@ -935,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"total {time.time() - started:.0f} s")
+    if args.profile:
+        return code
     say("")
     say(e2e_report.render(results, backends, since=started))
     return code

@@ -62,7 +62,9 @@ def ratio_text(a: float, b: float) -> str:
     if math.isnan(a) or math.isnan(b) or b == 0:
         return "n/a"
     r = a / b
-    return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+    if r >= 10:
+        return f"{r:.0f}x"
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
 
 
 # -- what one system's JSON says -------------------------------------------------------------
@@ -456,33 +458,42 @@ def top_frames(path: Path, limit: int = 12) -> str:
     the same samples grouped by the package or service module the function lives in."""
     own: Counter[str] = Counter()
     where: Counter[str] = Counter()
+    inside: Counter[str] = Counter()  # samples with a Blixard function anywhere on the stack
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         total += int(count)
-        leaf = stack.split(";")[-1]
-        own[leaf] += int(count)
-        where[frame_home(leaf)] += int(count)
+        frames = stack.split(";")
+        own[frames[-1]] += int(count)
+        where[frame_home(frames[-1])] += int(count)
+        for name in {f.rpartition(":")[0] for f in frames if "services/" in f}:
+            inside[name] += int(count)
     lines = [f"py-spy {path.name}: {total} samples (own time of the function on top)"]
     for frame, k in own.most_common(limit):
         lines.append(f"  {k / max(total, 1):6.1%}  {frame}")
-    lines.append("  by where the code lives:")
+    lines.append("  by where the code lives (own time):")
     for home, k in where.most_common(limit):
         lines.append(f"  {k / max(total, 1):6.1%}  {home}")
+    lines.append(
+        "  Blixard functions, with everything they call (a sample counts once per function):"
+    )
+    for name, k in inside.most_common(limit):
+        lines.append(f"  {k / max(total, 1):6.1%}  {name})")
     return "\n".join(lines)
 
 
 def frame_home(frame: str) -> str:
-    """``name (path:line)`` -> the installed package, the service module, or the stdlib module."""
+    """``name (path:line)`` -> the package (``sqlalchemy``), the service module
+    (``services/jobs/store``) or the stdlib module the function lives in."""
     path = frame.rpartition(" (")[2].rstrip(")").rpartition(":")[0]
     if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+        path = path.split("site-packages/", 1)[1]
     if "/services/" in path:
-        return "services/" + path.split("/services/", 1)[1].removesuffix(".py")
-    if "/gen/" in path:
-        return "gen (generated stubs)"
-    if path.startswith("/usr/") or "/lib/python3" in path:
-        return "stdlib " + path.rsplit("/", 1)[-1].removesuffix(".py")
-    return path or frame
+        path = "services/" + path.split("/services/", 1)[1]
+    if path.startswith("services/"):
+        return path.removesuffix(".py")
+    if path.startswith("<frozen"):
+        return "importlib"
+    return path.split("/", 1)[0].removesuffix(".py") if path else frame
