@@ -78,18 +78,15 @@ bench-all: bench
 	$(PY) -m bench.queue_bench $(BENCH_ARGS)
 	$(PY) -m bench.worker_bench $(BENCH_ARGS)
 
-bench-peers: BENCH_N ?= 2000
-bench-peers: BENCH_REPS ?= 1
-bench-peers: BENCH_LAT_N ?= 100
-bench-peers: CELERY_SETTINGS ?= prefork-c2
-bench-peers: PGQUEUER_SETTINGS ?= 2proc-batch10
+# The knobs' defaults are the shell's (a target-specific ?= would stop make from passing
+# BENCH_N from the environment to `make bench`).
 bench-peers: $(STUBS)
 	@test -x "$(PEERS_DIR)/run.sh" || { echo "make bench-peers: no $(PEERS_DIR)/run.sh (the shared peers benchmark beside this checkout); set PEERS_DIR=/path/to/shared/peers" >&2; exit 1; }
-	@set -o pipefail; rc=0; \
-	export BENCH_N=$(BENCH_N) BENCH_REPS=$(BENCH_REPS) BENCH_LAT_N=$(BENCH_LAT_N) \
-		CELERY_SETTINGS=$(CELERY_SETTINGS) PGQUEUER_SETTINGS=$(PGQUEUER_SETTINGS) \
-		BENCH_RESULTS="$(BENCH_RESULTS)"; \
-	echo "== peers: $(PEERS_DIR)/run.sh celery pgqueuer (BENCH_N=$(BENCH_N) BENCH_REPS=$(BENCH_REPS) BENCH_LAT_N=$(BENCH_LAT_N))"; \
+	@rc=0; \
+	export BENCH_N=$${BENCH_N:-2000} BENCH_REPS=$${BENCH_REPS:-1} BENCH_LAT_N=$${BENCH_LAT_N:-100} \
+		CELERY_SETTINGS=$${CELERY_SETTINGS:-prefork-c2} \
+		PGQUEUER_SETTINGS=$${PGQUEUER_SETTINGS:-2proc-batch10} BENCH_RESULTS="$(BENCH_RESULTS)"; \
+	echo "== peers: $(PEERS_DIR)/run.sh celery pgqueuer (BENCH_N=$$BENCH_N BENCH_REPS=$$BENCH_REPS BENCH_LAT_N=$$BENCH_LAT_N)"; \
 	"$(PEERS_DIR)/run.sh" celery pgqueuer || rc=$$?; \
 	echo "== Blixard: bench/e2e.py $(BENCH_ARGS)"; \
 	$(PY) -m bench.e2e $(BENCH_ARGS) || rc=$$?; \
