@@ -197,3 +197,20 @@ def test_a_retried_job_never_runs_beside_its_still_leased_old_execution(
     [new] = claim("w-new", 5)
     assert (new.item.job_id, new.item.generation) == (job.job_id, 2)
     wait_for_state(jobs, job.job_id, {jpb.JOB_STATE_RUNNING})
+
+
+def test_a_cancel_the_queue_cannot_confirm_is_answered_in_time_and_says_so(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack().start_jobs()  # its queue address: a port nobody listens on
+    jobs = stack.jobs_stub()
+    job = jobs.SubmitJob(
+        jpb.SubmitJobRequest(request_id="r-down", spec=spec("true")), timeout=RPC_TIMEOUT
+    ).job
+
+    started = time.monotonic()
+    answer = jobs.CancelJob(jpb.CancelJobRequest(job_id=job.job_id), timeout=RPC_TIMEOUT)
+
+    assert time.monotonic() - started < 3  # JOBS_CANCEL_TIMEOUT (1 s), then the answer
+    assert not answer.queue_confirmed
+    assert answer.job.state == jpb.JOB_STATE_CANCELLED
