@@ -668,7 +668,7 @@ class QueueManager:
                     self._next_seqs(1),
                     ItemState.CANCELLED,
                 )
-                tx.insert_many([tomb])
+                tx.insert_new(tomb)
                 return tomb
             if generation and item.generation > generation:
                 return item  # a cancel of an older generation: nothing to do here

@@ -24,6 +24,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from services.common.clock import to_utc
@@ -212,6 +213,21 @@ class Transaction:
             self._fault("before_write")
             self.written.extend(item.job_id for item in items)
             self.connection.execute(insert(ITEMS), [_columns(item) for item in items])
+
+    def insert_new(self, item: Item) -> None:
+        """Insert an item no row may exist for yet: one inserted meanwhile by another
+        replica (whose transaction this one did not see) is a conflict (ABORTED), and
+        the caller's transaction is retried on what the store has then."""
+        self._fault("before_write")
+        self.written.append(item.job_id)
+        try:
+            self.connection.execute(insert(ITEMS), [_columns(item)])
+        except IntegrityError:
+            raise Aborted(
+                f"item {item.job_id} was inserted concurrently",
+                reason="CONFLICT",
+                metadata={"job_id": item.job_id},
+            ) from None
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""

@@ -9,6 +9,7 @@ import pytest
 from services.common.errors import FailedPrecondition
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import QueueManager
+from tests.postgres import Cluster
 from tests.storage.queue_support import SteppedClock, make_manager, new
 
 
@@ -201,3 +202,25 @@ def test_a_retention_of_zero_keeps_offline_workers(database_url: str) -> None:
     clock.advance(10 * 365 * 86400)
     manager.reap()
     assert [(w.worker_id, w.state.name) for w in manager.workers()] == [("gone", "OFFLINE")]
+
+
+def test_a_cancel_racing_the_enqueue_on_another_replica_still_wins(
+    postgres_cluster: Cluster,
+) -> None:
+    url = postgres_cluster.new_database()
+    other = make_manager(url)
+    raced: list[bool] = []
+
+    def enqueue_meanwhile(point: str) -> None:
+        # The cancel found no item; before it writes its cancelled generation, the other
+        # replica commits the enqueue.
+        if point == "before_write" and not raced:
+            raced.append(True)
+            other.enqueue(new("j-1"))
+
+    manager = make_manager(url, faults=enqueue_meanwhile)
+
+    item = manager.cancel("j-1", 1)
+
+    assert raced and item.state is ItemState.CANCELLED
+    assert claimed(other) == [] and claimed(manager) == []
