@@ -37,4 +37,82 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without the table a next generation replaces its item at once, as it did before
+    # (the old execution may still be running): held ones are not lost.
+    bind = op.get_bind()
+    held = sa.table(
+        "next_generations",
+        *(
+            sa.column(name)
+            for name in (
+                "job_id",
+                "generation",
+                "cancelled",
+                "spec",
+                "priority",
+                "max_attempts",
+                "run_at",
+                "worker_types",
+                "labels",
+                "trace_context",
+                "created_at",
+            )
+        ),
+    )
+    items = sa.table(
+        "items",
+        *(
+            sa.column(name)
+            for name in (
+                "job_id",
+                "generation",
+                "spec",
+                "state",
+                "priority",
+                "run_at",
+                "max_attempts",
+                "attempt",
+                "worker_types",
+                "labels",
+                "lease_token",
+                "lease_deadline",
+                "worker_id",
+                "version",
+                "cancel_requested",
+                "exit_code",
+                "output_tail",
+                "error",
+                "report_seq",
+                "trace_context",
+                "updated_at",
+            )
+        ),
+    )
+    for row in bind.execute(sa.select(held)).all():
+        bind.execute(
+            sa.update(items)
+            .where(items.c.job_id == row.job_id)
+            .values(
+                generation=row.generation,
+                spec=row.spec,
+                state="CANCELLED" if row.cancelled else "WAITING",
+                priority=row.priority,
+                run_at=row.run_at or row.created_at,
+                max_attempts=row.max_attempts or 3,
+                attempt=0,
+                worker_types=row.worker_types,
+                labels=row.labels,
+                lease_token=None,
+                lease_deadline=None,
+                worker_id="",
+                version=items.c.version + 1,
+                cancel_requested=bool(row.cancelled),
+                exit_code=None,
+                output_tail="",
+                error="",
+                report_seq=0,
+                trace_context=row.trace_context,
+                updated_at=row.created_at,
+            )
+        )
     op.drop_table("next_generations")
