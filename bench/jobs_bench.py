@@ -67,7 +67,7 @@ class NoopQueue:
     def enqueue(self, job: Job) -> None:
         pass
 
-    def cancel(self, job_id: str, generation: int) -> None:
+    def cancel(self, job_id: str, generation: int, timeout: float = 0.0) -> None:
         pass
 
 

@@ -192,7 +192,14 @@ class Cli:
 
     def cancel(self, args: argparse.Namespace) -> int:
         request = pb.CancelJobRequest(job_id=args.job_id, reason=args.reason)
-        self.show(self.stub.CancelJob(request, timeout=CALL_TIMEOUT).job)
+        response = self.stub.CancelJob(request, timeout=CALL_TIMEOUT)
+        self.show(response.job)
+        if not response.queue_confirmed:
+            print(
+                "blixctl: the cancel is not confirmed by the queue yet (it is sent as soon as "
+                "the queue answers); until then a worker may still start the job",
+                file=sys.stderr,
+            )
         return EXIT_OK
 
     def retry(self, args: argparse.Namespace) -> int:

@@ -27,10 +27,10 @@ def build(
     engine = db.make_engine(config.database_url, setting="JOBS_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "jobs_alembic_version", "JOBS_DATABASE_URL")
     store = JobStore(engine)
-    manager = JobManager(store, clock)
     if queue is None:
         channel = client.open_channel(config.queue_address, config.shared.tokens.admin)
         queue = GrpcQueue(channel)
+    manager = JobManager(store, clock, queue=queue, cancel_timeout=config.cancel_timeout)
     delivery = QueueDelivery(store, queue)
     relay = Relay(
         "jobs-outbox-relay",

@@ -14,6 +14,7 @@ class JobsConfig:
     shared: common.SharedSettings
     database_url: str
     queue_address: str
+    cancel_timeout: float
 
 
 def load(environ: Mapping[str, str] | None = None) -> JobsConfig:
@@ -25,6 +26,8 @@ def load(environ: Mapping[str, str] | None = None) -> JobsConfig:
         shared=shared,
         database_url=common.database_url(env, "jobs"),
         queue_address=env.address("QUEUE_ADDRESS", "127.0.0.1:50052"),
+        # How long CancelJob waits for the queue to confirm (then the outbox sends it).
+        cancel_timeout=env.number("CANCEL_TIMEOUT", 1.0, minimum=0.05, maximum=30.0),
     )
     common.check_auth_binding(env, server, shared.tokens)
     common.finish(env, shared_env)

@@ -4,7 +4,9 @@ message are written in one transaction."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import datetime
+from typing import Protocol
 
 from services.common.clock import Clock
 from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
@@ -25,16 +27,35 @@ from services.jobs.domain import (
 )
 from services.jobs.store import DuplicateRequest, JobStore
 
+log = logging.getLogger(__name__)
+
+
+class QueueCancel(Protocol):
+    """The queue's cancel, called at once by CancelJob (see JobManager.cancel)."""
+
+    def cancel(self, job_id: str, generation: int, timeout: float = ...) -> None: ...
+
 
 def spec_hash(spec_json: str) -> str:
     return hashlib.sha256(spec_json.encode()).hexdigest()
 
 
 class JobManager:
-    def __init__(self, store: JobStore, clock: Clock, feed: ChangeFeed | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        clock: Clock,
+        feed: ChangeFeed | None = None,
+        *,
+        queue: QueueCancel | None = None,
+        cancel_timeout: float = 1.0,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.feed = feed or ChangeFeed()
+        # CancelJob tells the queue itself, waiting at most cancel_timeout for it.
+        self.queue = queue
+        self.cancel_timeout = cancel_timeout
         # Wakes output followers: new output, and any job change (a job that ends ends them).
         self.output_feed = ChangeFeed()
 
@@ -113,7 +134,12 @@ class JobManager:
         last = jobs[-1]
         return jobs, (last.created_at, last.job_id)
 
-    def cancel(self, job_id: str, reason: str, actor: str = "client") -> Job:
+    def cancel(self, job_id: str, reason: str, actor: str = "client") -> tuple[Job, bool]:
+        """Cancel the job, then tell the queue at once. Returns the job and whether the
+        queue confirmed: from then on no worker is handed the job (one that already
+        holds it is told to stop). When the queue cannot be reached in time, the outbox
+        message written with the cancel delivers it later (and when the queue did
+        confirm, that later delivery is a harmless repeat)."""
         with self.store.transaction() as tx:
             job = tx.get(job_id, for_update=True)
             if job is None:
@@ -123,7 +149,19 @@ class JobManager:
             tx.record(event)
             tx.send("cancel", job, event.at)
         self._changed()
-        return job
+        return job, self._tell_queue(job)
+
+    def _tell_queue(self, job: Job) -> bool:
+        if self.queue is None:
+            return False
+        try:
+            self.queue.cancel(job.job_id, job.generation, timeout=self.cancel_timeout)
+        except Exception as exc:  # unreachable or slow: the outbox delivers it
+            log.info(
+                "cancel of %s not confirmed by the queue (the outbox sends it): %s", job.job_id, exc
+            )
+            return False
+        return True
 
     def retry(self, job_id: str, actor: str = "client") -> Job:
         with self.store.transaction() as tx:

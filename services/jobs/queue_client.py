@@ -50,14 +50,15 @@ class GrpcQueue:
             for r in response.results
         ]
 
-    def cancel(self, job_id: str, generation: int) -> None:
+    def cancel(self, job_id: str, generation: int, timeout: float = CALL_TIMEOUT) -> None:
         try:
             call(
                 self._stub.CancelItem,
                 qpb.CancelItemRequest(job_id=job_id, generation=generation),
-                CALL_TIMEOUT,
+                timeout,
             )
         except grpc.RpcError as exc:
-            # Nothing to cancel there (never enqueued, or already ended): done.
+            # Nothing to cancel there (already ended; an older queue without cancels
+            # ahead of their enqueue also says NOT_FOUND): done.
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise

@@ -1,5 +1,7 @@
 """What the jobs outbox says to the queue: "enqueue" and "cancel" messages, delivered by the
-shared relay. Enqueue is idempotent by (job id, generation), so a redelivery is harmless."""
+shared relay. Enqueue is idempotent by (job id, generation), so a redelivery is harmless;
+so is a cancel's (CancelJob may have told the queue already), and a cancel that reaches the
+queue before its enqueue (another jobs replica's relay sending it late) still wins there."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ class QueuePort(Protocol):
 
     def enqueue_many(self, jobs: list[Job]) -> list[Exception | None]: ...
 
-    def cancel(self, job_id: str, generation: int) -> None: ...
+    def cancel(self, job_id: str, generation: int, timeout: float = ...) -> None: ...
 
 
 class QueueDelivery:

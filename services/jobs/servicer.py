@@ -179,8 +179,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
         _check_job_id(request.job_id, problems)
         problems.check(len(request.reason) <= 1024, "reason", "at most 1024 characters")
         problems.raise_if_any()
-        job = self.manager.cancel(request.job_id, request.reason or "cancelled by the client")
-        return pb.CancelJobResponse(job=convert.job_message(job))
+        job, confirmed = self.manager.cancel(
+            request.job_id, request.reason or "cancelled by the client"
+        )
+        return pb.CancelJobResponse(job=convert.job_message(job), queue_confirmed=confirmed)
 
     def RetryJob(
         self, request: pb.RetryJobRequest, context: grpc.ServicerContext

@@ -30,7 +30,13 @@ def build(
     engine = db.make_engine(config.database_url, setting="QUEUE_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     store = QueueStore(engine)
-    manager = QueueManager(store, clock, policy=config.retry, worker_timeout=config.worker_timeout)
+    manager = QueueManager(
+        store,
+        clock,
+        policy=config.retry,
+        worker_timeout=config.worker_timeout,
+        worker_retention=config.worker_retention,
+    )
     deliver_many = None
     if jobs is None:
         reporter = JobsReporter(

@@ -19,6 +19,7 @@ class QueueConfig:
     reap_interval: float
     worker_timeout: float
     cache_sync_interval: float
+    worker_retention: float
 
 
 def load(environ: Mapping[str, str] | None = None) -> QueueConfig:
@@ -38,6 +39,10 @@ def load(environ: Mapping[str, str] | None = None) -> QueueConfig:
         reap_interval=env.number("REAP_INTERVAL", 1.0, minimum=0.05, maximum=600.0),
         worker_timeout=env.number("WORKER_TIMEOUT", 30.0, minimum=1.0, maximum=86400.0),
         cache_sync_interval=env.number("CACHE_SYNC_INTERVAL", 30.0, minimum=1.0, maximum=86400.0),
+        # Seconds a worker may stay offline before it is deleted (0: kept for ever).
+        worker_retention=env.number(
+            "WORKER_RETENTION", 7 * 86400.0, minimum=0.0, maximum=10 * 365 * 86400.0
+        ),
     )
     if config.retry.base_seconds > config.retry.cap_seconds:
         env.problems.append(

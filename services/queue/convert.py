@@ -12,8 +12,8 @@ from blixard.queue.v1 import queue_service_pb2 as pb
 from services.common import pbtime
 from services.common.errors import BlixardError
 from services.common.jobspec import worker_types_for
-from services.queue.domain import Item, ItemState, Outcome, Worker, WorkerState
-from services.queue.manager import Lease, NewItem
+from services.queue.domain import Item, ItemState, NewItem, Outcome, Worker, WorkerState
+from services.queue.manager import Lease
 
 _OUTCOMES = {
     job_spec_pb2.OUTCOME_SUCCEEDED: Outcome.SUCCEEDED,

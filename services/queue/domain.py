@@ -105,6 +105,36 @@ class Item:
         return all(worker_labels.get(k) == v for k, v in self.labels.items())
 
 
+@dataclass(frozen=True)
+class NewItem:
+    job_id: str
+    generation: int
+    spec: bytes  # a serialized JobSpec
+    priority: int
+    max_attempts: int
+    run_at: datetime | None
+    worker_types: tuple[str, ...]
+    labels: dict[str, str]
+    trace_context: dict[str, str]
+
+
+@dataclass(frozen=True)
+class NextGeneration:
+    """A job's next generation, held while the item's current generation still holds a
+    lease (two executions of one job never overlap), or the cancel of a generation not
+    yet enqueued (``cancelled``: when its enqueue comes, it lands cancelled)."""
+
+    new: NewItem
+    cancelled: bool
+    created_at: datetime
+
+
+def tombstone(job_id: str, generation: int, created_at: datetime) -> NextGeneration:
+    """A cancel that came before the enqueue of its generation."""
+    new = NewItem(job_id, generation, b"", 0, 0, None, (), {}, {})
+    return NextGeneration(new, True, created_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     """An item transition for the jobs service, in the jobs contract's terms."""

@@ -19,6 +19,8 @@ from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
     Item,
     ItemState,
+    NewItem,
+    NextGeneration,
     Outcome,
     RetryPolicy,
     Worker,
@@ -30,19 +32,6 @@ from services.queue.waiters import Waiters, kind_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class NewItem:
-    job_id: str
-    generation: int
-    spec: bytes  # a serialized JobSpec
-    priority: int
-    max_attempts: int
-    run_at: datetime | None
-    worker_types: tuple[str, ...]
-    labels: dict[str, str]
-    trace_context: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -93,11 +82,14 @@ class QueueManager:
         policy: RetryPolicy | None = None,
         worker_timeout: float = 30.0,
         cache: ItemCache | None = None,
+        worker_retention: float = 0.0,
     ) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy or RetryPolicy()
         self.worker_timeout = worker_timeout
+        # Workers offline for longer than this are deleted by the reaper (0: kept).
+        self.worker_retention = worker_retention
         self._stop = threading.Event()
         self._seen_workers: dict[str, tuple[float, Worker]] = {}
         # Expiry on this replica's monotonic clock too (see timers.py): by lease token and
@@ -184,9 +176,14 @@ class QueueManager:
 
     def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool]]:
         """Enqueue in one transaction, idempotent by (job id, generation): an item already
-        there at this generation or a newer one is returned as it is (created False)."""
+        there at this generation or a newer one is returned as it is (created False), so
+        is a generation already cancelled (a cancel that came first left it cancelled).
+        A new generation of an item whose old one still holds a lease waits for that
+        lease to end (two executions of one job never overlap); the old one is asked to
+        stop."""
 
         now = self.clock.now()
+        applied: list[Item] = []  # what the cache takes once this commits
 
         def work(tx: Transaction) -> list[tuple[Item, bool]]:
             seq = self._next_seqs(len(news))
@@ -195,45 +192,92 @@ class QueueManager:
             inserts: list[Item] = []
             replaces: list[tuple[Item, int]] = []
             reports = []
+            applied.clear()
             for offset, new in enumerate(news):
                 old = existing.get(new.job_id)
                 if old is not None and old.generation >= new.generation:
                     results.append((old, False))
                     continue
-                item = Item(
-                    job_id=new.job_id,
-                    generation=new.generation,
-                    spec=new.spec,
-                    state=ItemState.WAITING,
-                    priority=new.priority,
-                    run_at=new.run_at or now,
-                    seq=seq + offset,
-                    max_attempts=new.max_attempts or self.policy.default_max_attempts,
-                    created_at=now,
-                    updated_at=now,
-                    worker_types=new.worker_types,
-                    labels=dict(new.labels),
-                    trace_context=dict(new.trace_context),
-                )
+                if old is not None and old.state is ItemState.LEASED:
+                    results.append(self._hold_next(tx, old, new, now))
+                    applied.append(old)  # asked to stop: a new version
+                    continue
+                item = self._item_of(new, now, seq + offset)
                 reports.append(domain.enqueued(item, now))
                 if old is None:
                     inserts.append(item)
-                else:  # a new generation (RetryJob) replaces the old item; its lease is stale
+                else:  # a new generation (RetryJob) replaces the ended or waiting old item
                     replaces.append((item, old.version))
                 existing[new.job_id] = item
+                applied.append(item)
                 results.append((item, True))
             tx.insert_many(inserts)
             tx.replace_many(replaces)
             tx.report_many(reports)
             return results
 
-        results = self._write(
-            work, lambda rs: [item for item, created in rs if created], [n.job_id for n in news]
-        )
+        results = self._write(work, lambda _: applied, [n.job_id for n in news])
         # Due "now" means due from now on, even if the clock is stepped back later.
         self.cache.advance(now.timestamp())
-        self._announce([item for item, created in results if created])
+        self._announce(applied)
         return results
+
+    def _item_of(
+        self, new: NewItem, now: datetime, seq: int, state: ItemState = ItemState.WAITING
+    ) -> Item:
+        return Item(
+            job_id=new.job_id,
+            generation=new.generation,
+            spec=new.spec,
+            state=state,
+            priority=new.priority,
+            run_at=new.run_at or now,
+            seq=seq,
+            max_attempts=new.max_attempts or self.policy.default_max_attempts,
+            created_at=now,
+            updated_at=now,
+            worker_types=new.worker_types,
+            labels=dict(new.labels),
+            trace_context=dict(new.trace_context),
+            cancel_requested=state is ItemState.CANCELLED,
+            error="cancelled before it was enqueued" if state is ItemState.CANCELLED else "",
+        )
+
+    def _hold_next(
+        self, tx: Transaction, old: Item, new: NewItem, now: datetime
+    ) -> tuple[Item, bool]:
+        """``new`` is a newer generation of ``old``, which still holds a lease: it waits
+        for that lease to end (see _successor), and ``old``'s worker is asked to stop (at
+        its next heartbeat). Answers the new generation as held (created), or what was
+        held already (a repeat, or a generation cancelled before it came)."""
+        held = tx.next_generation(old.job_id)
+        if held is not None and held.new.generation >= new.generation:
+            state = ItemState.CANCELLED if held.cancelled else ItemState.WAITING
+            return self._item_of(held.new, held.created_at, 0, state), False
+        tx.put_next(NextGeneration(new, False, now))
+        self._stop_asked(tx, old, now)
+        return self._item_of(new, now, 0), True
+
+    def _stop_asked(self, tx: Transaction, item: Item, now: datetime) -> None:
+        """A leased item's worker is to stop: it learns so at its next heartbeat."""
+        if not item.cancel_requested:
+            version = item.version
+            item.cancel_requested = True
+            item.updated_at = now
+            tx.save(item, version)
+
+    def _successor(self, tx: Transaction, item: Item, now: datetime) -> Item | None:
+        """``item``'s lease has just ended: the next generation held for it, if any, as
+        the item that replaces it (waiting, or cancelled if its cancel came first). Only
+        an item asked to stop can have one (so the hot path reads nothing more)."""
+        if not item.cancel_requested or item.state is ItemState.LEASED:
+            return None
+        held = tx.next_generation(item.job_id)
+        if held is None:
+            return None
+        tx.drop_next(item.job_id)
+        state = ItemState.CANCELLED if held.cancelled else ItemState.WAITING
+        return self._item_of(held.new, now, self._next_seqs(1), state)
 
     def _announce(self, items: list[Item]) -> None:
         """Wake the long polls that may take one of these items, if it can be claimed now."""
@@ -534,27 +578,40 @@ class QueueManager:
             held = tx.by_tokens([c.token for c in completions])
             results: list[Item | BlixardError] = []
             changes: list[tuple[Item, int]] = []
+            replaces: list[tuple[Item, int]] = []
             reports = []
+            written.clear()
             for c in completions:
                 try:
                     item = domain.check_holder(held.pop(c.token, None), c.token)
                 except BlixardError as exc:
                     results.append(exc)
                     continue
-                changes.append((item, item.version))
+                version = item.version
                 reports.append(
                     domain.complete(
                         item, c.outcome, c.exit_code, c.output_tail, c.error, now, self.policy
                     )
                 )
                 results.append(item)
+                successor = self._successor(tx, item, now)
+                if successor is None:
+                    changes.append((item, version))
+                    written.append(item)
+                else:  # the next generation takes the item's place
+                    replaces.append((successor, version))
+                    written.append(successor)
+                    if successor.state is ItemState.WAITING:
+                        reports.append(domain.enqueued(successor, now))
             tx.save_many(changes)
+            tx.replace_many(replaces)
             tx.report_many(reports)
             return results
 
-        results = self._write(work, lambda rs: [r for r in rs if isinstance(r, Item)], [])
+        written: list[Item] = []  # what the cache takes once this commits
+        results = self._write(work, lambda _: written, [])
         self._leases.forget([c.token for c in completions])
-        self._announce([r for r in results if isinstance(r, Item)])  # retries due at once
+        self._announce(written)  # retries due at once, next generations
         return results
 
     def release(self, token: str, reason: str) -> Item:
@@ -563,13 +620,24 @@ class QueueManager:
             item = domain.check_holder(tx.by_tokens([token]).get(token), token)
             version = item.version
             tx.report(domain.release(item, reason, now))
-            tx.save(item, version)
-            return item
+            return self._save_ended(tx, item, version, now)
 
         item = self._write(work, lambda item: [item], [])
         self._leases.forget([token])
         self._announce([item])
         return item
+
+    def _save_ended(self, tx: Transaction, item: Item, version: int, now: datetime) -> Item:
+        """Write an item whose lease has just ended, or the next generation held for it
+        in its place; returns what was written."""
+        successor = self._successor(tx, item, now)
+        if successor is None:
+            tx.save(item, version)
+            return item
+        tx.replace_many([(successor, version)])
+        if successor.state is ItemState.WAITING:
+            tx.report(domain.enqueued(successor, now))
+        return successor
 
     def _give_back(self, leases: list[Lease], reason: str) -> None:
         for lease in leases:
@@ -581,20 +649,60 @@ class QueueManager:
     # ---- operators and the jobs service -----------------------------------------------
 
     def cancel(self, job_id: str, generation: int) -> Item:
+        """Cancel the item's ``generation`` (0: whichever it is at). A generation this
+        queue has not been sent yet is cancelled all the same: its enqueue, when it comes
+        (perhaps late, through another jobs replica), finds it cancelled and it never runs.
+        A cancel of an older generation changes nothing."""
+        announce: list[Item] = []
+
         def work(tx: Transaction) -> Item:
+            now = self.clock.now()
+            announce.clear()
             item = tx.get(job_id, for_update=True)
             if item is None:
-                raise NotFound("item", job_id)
-            if generation and item.generation != generation:
-                return item  # a cancel for another generation: nothing to do here
+                if not generation:
+                    raise NotFound("item", job_id)
+                tomb = self._item_of(
+                    domain.tombstone(job_id, generation, now).new,
+                    now,
+                    self._next_seqs(1),
+                    ItemState.CANCELLED,
+                )
+                tx.insert_new(tomb)
+                return tomb
+            if generation and item.generation > generation:
+                return item  # a cancel of an older generation: nothing to do here
+            if generation and item.generation < generation:
+                return self._cancel_ahead(tx, item, generation, now)
             version = item.version
-            report = domain.cancel(item, self.clock.now())
+            report = domain.cancel(item, now)
             tx.save(item, version)
             if report is not None:
                 tx.report(report)
             return item
 
         return self._write(work, lambda item: [item], [job_id])
+
+    def _cancel_ahead(self, tx: Transaction, item: Item, generation: int, now: datetime) -> Item:
+        """Cancel ``generation``, newer than the item's: a leased item's worker is asked to
+        stop and the generation is held cancelled until that lease ends; any other item
+        is replaced by the cancelled generation (nothing of the older one may run)."""
+        if item.state is ItemState.LEASED:
+            held = tx.next_generation(item.job_id)
+            if held is None or held.new.generation < generation:
+                tx.put_next(domain.tombstone(item.job_id, generation, now))
+            elif held.new.generation == generation and not held.cancelled:
+                tx.put_next(NextGeneration(held.new, True, held.created_at))
+            self._stop_asked(tx, item, now)
+            return item
+        tomb = self._item_of(
+            domain.tombstone(item.job_id, generation, now).new,
+            now,
+            self._next_seqs(1),
+            ItemState.CANCELLED,
+        )
+        tx.replace_many([(tomb, item.version)])
+        return tomb
 
     def redrive(self, job_id: str) -> Item:
         def work(tx: Transaction) -> Item:
@@ -675,9 +783,11 @@ class QueueManager:
     def reap(self, batch: int = 200) -> int:
         """Expire leases past their deadline, and release the leases of silent workers:
         past their time on the wall clock and on this replica's monotonic clock (a wall
-        clock stepped forward must not end every lease at once; see timers.py)."""
+        clock stepped forward must not end every lease at once; see timers.py). Workers
+        offline for longer than ``worker_retention`` are deleted, ``batch`` at a time."""
 
         ended: list[str] = []  # the tokens of the leases ended
+        purged = [0]  # workers gone for good, deleted
 
         def work(tx: Transaction) -> list[Item]:
             now = self.clock.now()
@@ -704,8 +814,7 @@ class QueueManager:
                 version = item.version
                 why = f"the lease of attempt {item.attempt} expired"
                 tx.report(domain.expire(item, now, self.policy, why))
-                tx.save(item, version)
-                reaped.append(item)
+                reaped.append(self._save_ended(tx, item, version, now))
             cutoff = now - timedelta(seconds=self.worker_timeout)
             for worker in tx.silent_workers(cutoff):
                 if not self._workers.ran_out(
@@ -720,11 +829,15 @@ class QueueManager:
                     version = item.version
                     why = f"worker {worker.worker_id} went offline"
                     tx.report(domain.expire(item, now, self.policy, why))
-                    tx.save(item, version)
-                    reaped.append(item)
+                    reaped.append(self._save_ended(tx, item, version, now))
+            if self.worker_retention > 0:
+                gone = now - timedelta(seconds=self.worker_retention)
+                purged[0] = tx.purge_workers(gone, batch)
             return reaped
 
         reaped = self._write(work, lambda items: items, [])
+        if purged[0]:
+            log.info("purged %d workers offline for over %gs", purged[0], self.worker_retention)
         self._leases.forget(ended)
         self._announce(reaped)
         self._prune_timers()

@@ -73,6 +73,25 @@ class WorkerRow(Base):
     drained: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
+class NextGenerationRow(Base):
+    """A job's next generation, held while its current one still holds a lease (it
+    replaces the item once that lease ends), or a cancel that came before its enqueue."""
+
+    __tablename__ = "next_generations"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    cancelled: Mapped[bool] = mapped_column(Boolean)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)
+    priority: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_types: Mapped[str] = mapped_column(String(600))
+    labels: Mapped[str] = mapped_column(Text)
+    trace_context: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class OutboxRow(OutboxMixin, Base):
     """Reports to the jobs service, written in the same transaction as the transition."""
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Engine,
     Table,
     bindparam,
+    delete,
     func,
     insert,
     or_,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from services.common.clock import to_utc
@@ -31,13 +33,22 @@ from services.common.errors import Aborted
 from services.common.feed import ChangeFeed
 from services.common.outbox import SqlOutbox
 from services.queue.cache import Entry
-from services.queue.domain import Item, ItemState, Report, Worker, WorkerState
-from services.queue.models import ItemRow, OutboxRow, WorkerRow
+from services.queue.domain import (
+    Item,
+    ItemState,
+    NewItem,
+    NextGeneration,
+    Report,
+    Worker,
+    WorkerState,
+)
+from services.queue.models import ItemRow, NextGenerationRow, OutboxRow, WorkerRow
 
 Fault = Callable[[str], None]
 ITEMS = cast(Table, ItemRow.__table__)
 ITEM_COLUMNS = list(ITEMS.c)
 WORKERS = cast(Table, WorkerRow.__table__)
+NEXT = cast(Table, NextGenerationRow.__table__)
 
 
 # What a state transition (lease, heartbeat, complete, fail, release, cancel, expire,
@@ -203,6 +214,21 @@ class Transaction:
             self.written.extend(item.job_id for item in items)
             self.connection.execute(insert(ITEMS), [_columns(item) for item in items])
 
+    def insert_new(self, item: Item) -> None:
+        """Insert an item no row may exist for yet: one inserted meanwhile by another
+        replica (whose transaction this one did not see) is a conflict (ABORTED), and
+        the caller's transaction is retried on what the store has then."""
+        self._fault("before_write")
+        self.written.append(item.job_id)
+        try:
+            self.connection.execute(insert(ITEMS), [_columns(item)])
+        except IntegrityError:
+            raise Aborted(
+                f"item {item.job_id} was inserted concurrently",
+                reason="CONFLICT",
+                metadata={"job_id": item.job_id},
+            ) from None
+
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""
         self._fault("before_write")
@@ -245,6 +271,40 @@ class Transaction:
     def report(self, report: Report) -> None:
         self.report_many([report])
 
+    # ---- next generations (held while the current one holds a lease) ------------------
+
+    def next_generation(self, job_id: str) -> NextGeneration | None:
+        query = select(NEXT).where(NEXT.c.job_id == job_id).with_for_update()
+        row = self.connection.execute(query).first()
+        return _next(row) if row else None
+
+    def put_next(self, held: NextGeneration) -> None:
+        """Hold ``held`` as its job's next generation (replacing an older one held)."""
+        self._fault("before_write")
+        new = held.new
+        values = dict(
+            job_id=new.job_id,
+            generation=new.generation,
+            cancelled=held.cancelled,
+            spec=new.spec,
+            priority=new.priority,
+            max_attempts=new.max_attempts,
+            run_at=new.run_at,
+            worker_types=join_tags(new.worker_types),
+            labels=json.dumps(new.labels),
+            trace_context=json.dumps(new.trace_context),
+            created_at=held.created_at,
+        )
+        dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(NEXT).values(**values)
+        changed = {k: v for k, v in values.items() if k != "job_id"}
+        self.connection.execute(
+            statement.on_conflict_do_update(index_elements=["job_id"], set_=changed)
+        )
+
+    def drop_next(self, job_id: str) -> None:
+        self.connection.execute(delete(NEXT).where(NEXT.c.job_id == job_id))
+
     # ---- workers ----------------------------------------------------------------------
 
     def worker(self, worker_id: str) -> Worker | None:
@@ -269,6 +329,32 @@ class Transaction:
         self.connection.execute(
             statement.on_conflict_do_update(index_elements=["worker_id"], set_=changed)
         )
+
+    def purge_workers(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to ``limit`` workers offline since before ``cutoff`` that hold no
+        lease; how many were deleted. A worker heard from since is ONLINE or DRAINING
+        again, and stays."""
+        w, i = WORKERS.c, ITEMS.c
+        holds = select(i.job_id).where(
+            i.worker_id == w.worker_id, i.state == ItemState.LEASED.value
+        )
+        gone = (
+            select(w.worker_id)
+            .where(w.state == WorkerState.OFFLINE.value, w.last_seen < cutoff, ~holds.exists())
+            .order_by(w.last_seen)
+            .limit(limit)
+        )
+        ids = list(self.connection.scalars(gone))
+        if not ids:
+            return 0
+        result = self.connection.execute(
+            delete(WORKERS).where(
+                w.worker_id.in_(ids),
+                w.state == WorkerState.OFFLINE.value,
+                w.last_seen < cutoff,
+            )
+        )
+        return result.rowcount
 
     def silent_workers(self, cutoff: datetime) -> list[Worker]:
         # Locked, so a drain, registration or heartbeat that another replica commits
@@ -538,6 +624,21 @@ def _item(row: Any) -> Item:
         created_at=to_utc(row.created_at),
         updated_at=to_utc(row.updated_at),
     )
+
+
+def _next(row: Any) -> NextGeneration:
+    new = NewItem(
+        job_id=row.job_id,
+        generation=row.generation,
+        spec=row.spec,
+        priority=row.priority,
+        max_attempts=row.max_attempts,
+        run_at=to_utc(row.run_at) if row.run_at else None,
+        worker_types=split_tags(row.worker_types),
+        labels=_json_dict(row.labels),
+        trace_context=_json_dict(row.trace_context),
+    )
+    return NextGeneration(new, row.cancelled, to_utc(row.created_at))
 
 
 def _worker(row: Any) -> Worker:

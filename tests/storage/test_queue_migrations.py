@@ -10,7 +10,9 @@ from sqlalchemy import Engine, text
 
 from services.common import db, migrations
 from services.queue.bootstrap import MIGRATIONS
+from services.queue.domain import ItemState
 from services.queue.store import QueueStore
+from tests.storage.queue_support import make_manager, new
 
 FIRST = "ee5e85f3fdd7"  # 0001: specs stored as JSON text
 SPEC_AS_PROTOBUF = "7c1f0e2a9b34"  # 0002
@@ -112,3 +114,20 @@ def test_undoing_0003_keeps_an_offline_drained_worker_draining(database_url: str
 
     with engine.connect() as connection:
         assert connection.execute(text("SELECT state FROM workers")).scalar_one() == "DRAINING"
+
+
+def test_undoing_0007_puts_a_held_next_generation_in_its_items_place(database_url: str) -> None:
+    manager = make_manager(database_url)
+    manager.enqueue(new("j-1"))
+    manager.claim("w-1", "process", {}, 1, 30)
+    manager.cancel("j-1", 1)
+    manager.enqueue(new("j-1", generation=2))  # held while generation 1 holds its lease
+    engine = manager.store.engine
+
+    alembic(engine, "downgrade", "3d9a6b1c5e20")  # 0003
+
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT generation, state, lease_token FROM items WHERE job_id = 'j-1'")
+        ).one()
+    assert (row.generation, row.state, row.lease_token) == (2, ItemState.WAITING.value, None)

@@ -57,6 +57,7 @@ def test_cancel_then_watch_exits_three(deployment: Deployment) -> None:
     job_id = blixctl(deployment, "submit", "--", "sleep", "60").stdout.strip()
     cancelled = blixctl(deployment, "cancel", job_id, "--reason", "not needed")
     assert cancelled.returncode == 0 and "state:     CANCELLED" in cancelled.stdout
+    assert "not confirmed" not in cancelled.stderr  # the queue is up: it confirmed
     watched = blixctl(deployment, "watch", job_id)
     assert watched.returncode == 3
     events = blixctl(deployment, "events", job_id)
