@@ -77,7 +77,7 @@ class Completion:
     token: str
     outcome: Outcome
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""  # as the job wrote it
     error: str = ""
 
 
@@ -507,7 +507,7 @@ class QueueManager:
         return item
 
     def complete(
-        self, token: str, outcome: Outcome, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: Outcome, exit_code: int | None, output_tail: bytes, error: str
     ) -> Item:
         result = self.complete_many([Completion(token, outcome, exit_code, output_tail, error)])[0]
         if isinstance(result, BlixardError):

@@ -10,7 +10,9 @@ from sqlalchemy import Engine, text
 
 from services.common import db, migrations
 from services.queue.bootstrap import MIGRATIONS
+from services.queue.domain import Outcome
 from services.queue.store import QueueStore
+from tests.storage.queue_support import make_manager, new
 
 FIRST = "ee5e85f3fdd7"  # 0001: specs stored as JSON text
 SPEC_AS_PROTOBUF = "7c1f0e2a9b34"  # 0002
@@ -112,3 +114,42 @@ def test_undoing_0003_keeps_an_offline_drained_worker_draining(database_url: str
 
     with engine.connect() as connection:
         assert connection.execute(text("SELECT state FROM workers")).scalar_one() == "DRAINING"
+
+
+WORKER_DRAINED = "3d9a6b1c5e20"  # 0003: output_tail and error still text
+
+
+def test_text_kept_before_0004_comes_back_as_its_utf8_bytes(database_url: str) -> None:
+    engine = db.make_engine(database_url, setting="QUEUE_DATABASE_URL")
+    alembic(engine, "upgrade", WORKER_DRAINED)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO items (job_id, generation, spec, state, priority, run_at, seq,"
+                " max_attempts, attempt, worker_types, labels, lease_seconds, worker_id,"
+                " version, cancel_requested, exit_code, output_tail, error, report_seq,"
+                " trace_context, created_at, updated_at) VALUES ('job-1', 1, :spec, 'FAILED',"
+                " 0, '2026-11-01 00:00:00', 1, 1, 1, '', '{}', 0, 'w', 1, false, 2, :tail,"
+                " :error, 1, '{}', '2026-11-01 00:00:00', '2026-11-01 00:00:00')"
+            ),
+            {"spec": SPEC.SerializeToString(), "tail": "h\u00e9 \\ \u2603\n", "error": "why\\0"},
+        )
+
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+
+    item = QueueStore(engine).get("job-1")
+    assert item is not None
+    assert (item.output_tail, item.error) == ("h\u00e9 \\ \u2603\n".encode(), "why\\0")
+
+
+def test_undoing_0004_keeps_the_text_that_text_can_hold(database_url: str) -> None:
+    manager = make_manager(database_url)
+    manager.enqueue(new("job-1"))
+    (lease,) = manager.claim("w-1", "process", {}, 1, 30.0, 0.0)
+    manager.complete(lease.token, Outcome.FAILED, 1, b"ok \x00\xff\n", "e\x00rr \u00e9")
+
+    alembic(manager.store.engine, "downgrade", WORKER_DRAINED)
+
+    with manager.store.engine.connect() as connection:
+        row = connection.execute(text("SELECT output_tail, error FROM items")).one()
+    assert tuple(row) == ("ok \ufffd\n", "err \u00e9")
