@@ -285,7 +285,7 @@ class NoWork:
         ]
 
     def complete(
-        self, token: str, outcome: object, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: object, exit_code: int | None, output_tail: bytes, error: str
     ) -> Item:
         return self.items[0]
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.postgres import Cluster
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -27,6 +32,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster for the session (storage and gRPC tiers alike)."""
+    from tests.postgres import Cluster, find_bindir  # it imports this module
+
+    bindir = find_bindir()
+    require(bindir is not None, "PostgreSQL server binaries not found (apt-get install postgresql)")
+    assert bindir is not None
+    cluster = Cluster(bindir)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 _EXIT_STATUS = 0

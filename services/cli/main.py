@@ -28,6 +28,7 @@ from services.common import pbtime
 from services.common.client import open_channel
 from services.common.config import address_problem
 from services.common.errors import describe
+from services.common.output import sent_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_RPC = 0, 1, 2, 3, 4
 R = TypeVar("R")
@@ -152,9 +153,12 @@ class Cli:
         ]
         for key, value in rows:
             print(f"{key + ':':<10} {value}")
-        if job.output_tail:
-            print("output:")
-            print(job.output_tail, end="" if job.output_tail.endswith("\n") else "\n")
+        # The bytes as the job wrote them (an older jobs service sends only their text).
+        tail = sent_bytes(job.output_tail_bytes, job.output_tail)
+        if tail:
+            print("output:", flush=True)
+            sys.stdout.buffer.write(tail if tail.endswith(b"\n") else tail + b"\n")
+            sys.stdout.buffer.flush()
 
     # ---- commands ---------------------------------------------------------------------
 

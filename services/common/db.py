@@ -10,7 +10,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, Table, create_engine, event, or_, text
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    LargeBinary,
+    Table,
+    TypeDecorator,
+    create_engine,
+    event,
+    or_,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -127,13 +139,29 @@ def has_tag(column: Any, tag: str) -> Any:
     return or_(column == "", column.contains(f",{tag},"))
 
 
+class Utf8Bytes(TypeDecorator[str]):
+    """Text kept as its UTF-8 bytes (BLOB on SQLite, bytea on PostgreSQL), for text that
+    comes from jobs (an error, a reason quoting it): PostgreSQL's text type refuses NUL,
+    this column takes any string and gives it back unchanged. Not for filtering or sorting."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> bytes | None:
+        return None if value is None else value.encode("utf-8")
+
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
+        return None if value is None else bytes(value).decode("utf-8")
+
+
 class BulkWrite:
     """One INSERT, or one UPDATE keyed by some columns, run for many rows at once through
     the driver's executemany (SQLAlchemy's ``exec_driver_sql``). SQLAlchemy's own
     executemany processes every parameter of every row in Python, which was most of the
     queue's hot path; here a row is a tuple in ``columns`` order (then ``keys`` for an
-    UPDATE) and only DateTime values are converted, to the form SQLAlchemy itself
-    stores on SQLite, so either path reads what the other wrote."""
+    UPDATE) and only DateTime values (to the form SQLAlchemy itself stores on SQLite) and
+    TypeDecorator values (Utf8Bytes) are converted, so either path reads what the other
+    wrote."""
 
     def __init__(
         self, engine: Engine, table: Table, columns: list[str], keys: list[str] | None = None
@@ -158,6 +186,13 @@ class BulkWrite:
             if engine.dialect.name == "sqlite"
             else []
         )
+        # Columns of a type that converts in Python (Utf8Bytes): converted as SQLAlchemy would.
+        self._converted = [
+            (i, processor)
+            for i, name in enumerate(every)
+            if isinstance(table.c[name].type, TypeDecorator)
+            and (processor := table.c[name].type.bind_processor(engine.dialect)) is not None
+        ]
 
     def run(self, connection: Connection, rows: list[list[Any]]) -> int:
         """Write the rows (lists, converted in place); the number of rows changed."""
@@ -175,6 +210,10 @@ class BulkWrite:
                         if text is None:
                             text = converted[value] = _sqlite_datetime(value)
                         row[i] = text
+        if self._converted:
+            for row in rows:
+                for i, convert in self._converted:
+                    row[i] = convert(row[i])
         result = connection.exec_driver_sql(self.sql, [tuple(row) for row in rows])
         return int(result.rowcount)
 

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from services.common import pbtime, telemetry
 from services.common.errors import InvalidArgument
 from services.common.jobspec import worker_types_for
+from services.common.output import sent_bytes, text_view
 from services.jobs.domain import (
     Job,
     JobEvent,
@@ -78,7 +79,8 @@ def job_message(job: Job) -> pb.Job:
         request_id=job.request_id or "",
         generation=job.generation,
         attempts=job.attempts,
-        output_tail=job.output_tail,
+        output_tail=text_view(job.output_tail),
+        output_tail_bytes=job.output_tail,
         error=job.error,
         worker_id=job.worker_id,
         create_time=pbtime.timestamp(job.created_at),
@@ -129,7 +131,7 @@ def status_update(request: pb.UpdateJobStatusRequest, fallback_time: object) -> 
         attempt=request.attempt,
         worker_id=request.worker_id,
         exit_code=request.exit_code if request.HasField("exit_code") else None,
-        output_tail=request.output_tail,
+        output_tail=sent_bytes(request.output_tail_bytes, request.output_tail),
         error=request.error,
         reason=request.reason,
     )

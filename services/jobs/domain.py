@@ -85,7 +85,7 @@ class Job:
     generation: int = 1
     attempts: int = 0
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""  # as the job wrote it
     error: str = ""
     worker_id: str = ""
     started_at: datetime | None = None
@@ -121,7 +121,7 @@ class StatusUpdate:
     attempt: int = 0
     worker_id: str = ""
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""  # as the job wrote it
     error: str = ""
     reason: str = ""
 
@@ -166,7 +166,7 @@ def retry(job: Job, now: datetime, actor: str) -> JobEvent:
     job.attempts_base = job.attempts
     job.last_sequence = 0
     job.exit_code = None
-    job.output_tail = ""
+    job.output_tail = b""
     job.output_bytes = 0
     job.error = ""
     job.worker_id = ""

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common.db import Utf8Bytes
 from services.common.outbox import OutboxMixin
 
 
@@ -26,8 +27,9 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     attempts_base: Mapped[int] = mapped_column(Integer)
     exit_code: Mapped[int | None] = mapped_column(Integer)
-    output_tail: Mapped[str] = mapped_column(Text)
-    error: Mapped[str] = mapped_column(Text)
+    # The job's own bytes and any text: PostgreSQL's text would refuse a NUL in them.
+    output_tail: Mapped[bytes] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(Utf8Bytes)
     worker_id: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -57,7 +59,7 @@ class JobEventRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str] = mapped_column(String(300))
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Utf8Bytes)  # may quote a job's error
 
 
 class JobLabelRow(Base):

@@ -20,6 +20,7 @@ from services.common.jobspec import (
     check_timestamp,
     check_worker_type,
 )
+from services.common.output import sent_bytes
 from services.common.server import WaitSlots
 from services.common.validation import Problems, check_each
 from services.jobs import convert
@@ -52,6 +53,7 @@ MAX_OUTPUT_OFFSET = 2**62
 
 
 MAX_STATUS_BATCH = 500
+MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
 
 
 def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
@@ -59,6 +61,11 @@ def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> Non
     problems.check(request.generation >= 1, "generation", "at least 1")
     problems.check(request.sequence >= 1, "sequence", "at least 1")
     problems.check(convert.is_state(request.state), "state", "required: a job state")
+    problems.check(
+        len(sent_bytes(request.output_tail_bytes, request.output_tail)) <= MAX_TAIL_BYTES,
+        "output_tail_bytes" if request.output_tail_bytes else "output_tail",
+        f"at most {MAX_TAIL_BYTES} bytes",
+    )
     if request.HasField("event_time"):
         check_timestamp(request.event_time, "event_time", problems)
 

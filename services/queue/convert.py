@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from blixard.queue.v1 import queue_service_pb2 as pb
 from services.common import pbtime
 from services.common.errors import BlixardError
 from services.common.jobspec import worker_types_for
+from services.common.output import text_view
 from services.queue.domain import Item, ItemState, NewItem, Outcome, Worker, WorkerState
 from services.queue.manager import Lease
 
@@ -62,7 +64,8 @@ def item_message(item: Item) -> pb.WorkItem:
         worker_id=item.worker_id,
         lease_deadline=pbtime.timestamp(item.lease_deadline),
         cancel_requested=item.cancel_requested,
-        output_tail=item.output_tail,
+        output_tail=text_view(item.output_tail),
+        output_tail_bytes=item.output_tail,
         error=item.error,
         trace_context=item.trace_context,
     )
@@ -115,6 +118,10 @@ def update_request(payload: dict[str, Any]) -> jpb.UpdateJobStatusRequest:
     """A report from the outbox (a Report's fields, ``at`` in ISO form), as the jobs
     contract's UpdateJobStatus. Read straight from the payload: the relay converts every
     report it sends."""
+    if "output_tail_base64" in payload:
+        tail = base64.b64decode(payload["output_tail_base64"])
+    else:  # written before the output tail was kept as bytes
+        tail = payload.get("output_tail", "").encode()
     request = jpb.UpdateJobStatusRequest(
         job_id=payload["job_id"],
         generation=payload["generation"],
@@ -122,7 +129,8 @@ def update_request(payload: dict[str, Any]) -> jpb.UpdateJobStatusRequest:
         state=_JOB_STATES[payload["job_state"]],
         attempt=payload["attempt"],
         worker_id=payload.get("worker_id", ""),
-        output_tail=payload.get("output_tail", ""),
+        output_tail=text_view(tail),
+        output_tail_bytes=tail,
         error=payload.get("error", ""),
         event_time=pbtime.timestamp(datetime.fromisoformat(payload["at"])),
         reason=payload.get("reason", ""),

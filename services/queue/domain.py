@@ -94,7 +94,7 @@ class Item:
     version: int = 0
     cancel_requested: bool = False
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""
     error: str = ""
     report_seq: int = 0
     trace_context: dict[str, str] = field(default_factory=dict)
@@ -147,7 +147,7 @@ class Report:
     attempt: int
     worker_id: str = ""
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""
     error: str = ""
     reason: str = ""
 
@@ -185,7 +185,7 @@ def lease(item: Item, worker_id: str, lease_seconds: float, now: datetime) -> Re
     item.lease_seconds = lease_seconds
     item.lease_deadline = now + timedelta(seconds=lease_seconds)
     item.exit_code = None
-    item.output_tail = ""
+    item.output_tail = b""
     item.updated_at = now
     return _report(item, "RUNNING", now, f"attempt {item.attempt} leased to {worker_id}")
 
@@ -220,7 +220,7 @@ def fail_attempt(
     now: datetime,
     policy: RetryPolicy,
     exit_code: int | None = None,
-    output_tail: str = "",
+    output_tail: bytes = b"",
 ) -> Report:
     """The attempt failed: wait for a retry after a backoff, or dead-letter; a job
     cancelled meanwhile ends CANCELLED and never runs again."""
@@ -255,7 +255,7 @@ def complete(
     item: Item,
     outcome: Outcome,
     exit_code: int | None,
-    output_tail: str,
+    output_tail: bytes,
     error: str,
     now: datetime,
     policy: RetryPolicy,

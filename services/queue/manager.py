@@ -66,7 +66,7 @@ class Completion:
     token: str
     outcome: Outcome
     exit_code: int | None = None
-    output_tail: str = ""
+    output_tail: bytes = b""  # as the job wrote it
     error: str = ""
 
 
@@ -551,7 +551,7 @@ class QueueManager:
         return item
 
     def complete(
-        self, token: str, outcome: Outcome, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: Outcome, exit_code: int | None, output_tail: bytes, error: str
     ) -> Item:
         result = self.complete_many([Completion(token, outcome, exit_code, output_tail, error)])[0]
         if isinstance(result, BlixardError):

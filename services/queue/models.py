@@ -18,6 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false
 
+from services.common.db import Utf8Bytes
 from services.common.outbox import OutboxMixin
 
 
@@ -47,8 +48,9 @@ class ItemRow(Base):
     version: Mapped[int] = mapped_column(BigInteger)
     cancel_requested: Mapped[bool] = mapped_column(Boolean)
     exit_code: Mapped[int | None] = mapped_column(Integer)
-    output_tail: Mapped[str] = mapped_column(Text)
-    error: Mapped[str] = mapped_column(Text)
+    # The job's own bytes and any text: PostgreSQL's text would refuse a NUL in them.
+    output_tail: Mapped[bytes] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(Utf8Bytes)
     report_seq: Mapped[int] = mapped_column(BigInteger)
     trace_context: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -13,6 +13,7 @@ from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
 from services.common.jobspec import check_id as _check_id
+from services.common.output import sent_bytes
 from services.common.server import WaitSlots
 from services.common.validation import Problems, check_each
 from services.queue import convert
@@ -94,9 +95,10 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
         f"{prefix}outcome",
         "required: OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED",
     )
+    tail = sent_bytes(request.output_tail_bytes, request.output_tail)
     ok &= problems.check(
-        len(request.output_tail.encode()) <= MAX_TAIL_BYTES,
-        f"{prefix}output_tail",
+        len(tail) <= MAX_TAIL_BYTES,
+        f"{prefix}output_tail_bytes" if request.output_tail_bytes else f"{prefix}output_tail",
         f"at most {MAX_TAIL_BYTES} bytes",
     )
     ok &= problems.check(len(request.error) <= 4096, f"{prefix}error", "at most 4096 characters")
@@ -106,7 +108,7 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
         request.lease_token,
         outcome,
         request.exit_code if request.HasField("exit_code") else None,
-        request.output_tail,
+        tail,
         request.error,
     )
 

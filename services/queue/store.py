@@ -3,6 +3,7 @@ its version, so two replicas on one database are arbitrated by the database."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -544,8 +545,13 @@ _REPORT_FIELDS = tuple(f.name for f in fields(Report))
 
 
 def _payload(report: Report) -> dict[str, object]:
+    """The report as JSON: ``at`` in ISO form, the output tail's bytes in base64 under
+    ``output_tail_base64`` (rows written before it carry ``output_tail`` as text)."""
     payload = {name: getattr(report, name) for name in _REPORT_FIELDS}  # flat: no deep copy
     payload["at"] = report.at.isoformat()
+    del payload["output_tail"]
+    if report.output_tail:
+        payload["output_tail_base64"] = base64.b64encode(report.output_tail).decode("ascii")
     return payload
 
 

@@ -35,7 +35,7 @@ class Task:
 @dataclass(frozen=True)
 class Result:
     exit_code: int | None
-    output_tail: str
+    output_tail: bytes  # the last bytes of the output, as the job wrote them
     total_bytes: int
     error: str = ""
     # Set when the executor could not be reached (the VM service is UNAVAILABLE): the job
@@ -87,14 +87,12 @@ class OutputTail:
             while self._chunks and self._kept - len(self._chunks[0]) >= self.limit:
                 self._kept -= len(self._chunks.popleft())
 
-    def text(self) -> str:
-        with self._lock:
-            data = b"".join(self._chunks)[-self.limit :]
+    def data(self) -> bytes:
+        """The last ``limit`` bytes, exactly as written."""
         if self.limit <= 0:
-            return ""
-        text = data.decode("utf-8", errors="replace")
-        # Replacement characters take 3 bytes: keep the promise of at most ``limit`` bytes.
-        return text.encode()[-self.limit :].decode("utf-8", errors="ignore")
+            return b""
+        with self._lock:
+            return b"".join(self._chunks)[-self.limit :]
 
 
 class ProcessExecution:
@@ -147,7 +145,7 @@ class ProcessExecution:
         if code is not None and code < 0:
             error = f"killed by {signal.Signals(-code).name}"
             code = 128 - code
-        return Result(code, self.tail.text(), self.tail.total, error)
+        return Result(code, self.tail.data(), self.tail.total, error)
 
 
 class ProcessAdapter:
@@ -198,10 +196,10 @@ class MockExecution:
 
     def result(self) -> Result:
         if self._stopped:
-            return Result(137, "", 0, "stopped")
+            return Result(137, b"", 0, "stopped")
         if self._fail:
-            return Result(1, "mock failure\n", 13, "mock failure")
-        return Result(0, "mock success\n", 13)
+            return Result(1, b"mock failure\n", 13, "mock failure")
+        return Result(0, b"mock success\n", 13)
 
 
 class MockAdapter:

@@ -12,6 +12,7 @@ from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
 from services.common import pbtime
 from services.common.client import call
+from services.common.output import text_view
 
 CALL_TIMEOUT = 10.0
 
@@ -91,10 +92,14 @@ class QueueClient:
         return response.cancel_requested
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
     ) -> None:
         request = qpb.CompleteRequest(
-            lease_token=token, outcome=OUTCOMES[outcome], output_tail=output_tail, error=error
+            lease_token=token,
+            outcome=OUTCOMES[outcome],
+            output_tail_bytes=output_tail,
+            output_tail=text_view(output_tail),  # for a queue that predates the bytes
+            error=error,
         )
         if exit_code is not None:
             request.exit_code = exit_code

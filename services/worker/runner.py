@@ -292,7 +292,7 @@ class Worker:
             try:
                 execution = self.adapter.start(task, sender)
             except StartFailed as exc:
-                result = Result(None, "", 0, str(exc))
+                result = Result(None, b"", 0, str(exc))
                 ending = "start failed"
             else:
                 ending = self._watch(item, execution, timeout)

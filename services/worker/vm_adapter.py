@@ -137,7 +137,7 @@ class VmExecution:
             error = "stopped"
         elif self._exit_code is None and not error and not self._unavailable:
             error = f"VM {self.vm_id} ended the execution without an exit code"
-        return Result(self._exit_code, self.tail.text(), self.tail.total, error, self._unavailable)
+        return Result(self._exit_code, self.tail.data(), self.tail.total, error, self._unavailable)
 
 
 class VmAdapter:

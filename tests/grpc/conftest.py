@@ -176,11 +176,16 @@ class Stack:
         assert self.vms is not None
         return f"127.0.0.1:{self.vms.port}"
 
-    def start_pair(self) -> Stack:
+    def start_pair(
+        self, queue_extra: dict[str, str] | None = None, jobs_extra: dict[str, str] | None = None
+    ) -> Stack:
+        """``*_extra``: settings over the defaults (a PostgreSQL ``*_DATABASE_URL``)."""
         jobs_port = free_port()
-        queue = queue_config.load({**self.shared, **queue_env(self.tmp, jobs_port)})
+        queue = queue_config.load({**self.shared, **queue_env(self.tmp, jobs_port, queue_extra)})
         self.queue = start(queue_bootstrap.build(queue))
-        jobs = jobs_config.load({**self.shared, **jobs_env(self.tmp, jobs_port, self.queue.port)})
+        jobs = jobs_config.load(
+            {**self.shared, **jobs_env(self.tmp, jobs_port, self.queue.port, jobs_extra)}
+        )
         self.jobs = start(jobs_bootstrap.build(jobs))
         return self
 

@@ -1,23 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
-from tests.postgres import Cluster, find_bindir
-
-
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster]:
-    bindir = find_bindir()
-    require(bindir is not None, "PostgreSQL server binaries not found (apt-get install postgresql)")
-    assert bindir is not None
-    cluster = Cluster(bindir)
-    cluster.start()
-    yield cluster
-    cluster.stop()
+from tests.postgres import Cluster
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

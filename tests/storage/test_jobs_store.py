@@ -92,11 +92,11 @@ def test_status_updates_apply_in_sequence_and_duplicates_are_no_ops(manager: Job
     assert not manager.update_status(update(job.job_id, 2, JobState.RUNNING))  # duplicate
     assert not manager.update_status(update(job.job_id, 1, JobState.QUEUED))  # late
     assert manager.update_status(
-        update(job.job_id, 3, JobState.SUCCEEDED, exit_code=0, output_tail="ok\n")
+        update(job.job_id, 3, JobState.SUCCEEDED, exit_code=0, output_tail=b"ok\n")
     )
     stored = manager.get(job.job_id)
     assert stored.state is JobState.SUCCEEDED
-    assert (stored.exit_code, stored.output_tail, stored.worker_id) == (0, "ok\n", "w-1")
+    assert (stored.exit_code, stored.output_tail, stored.worker_id) == (0, b"ok\n", "w-1")
     assert stored.attempts == 1
     assert [e.state for e in manager.events(job.job_id)] == [
         JobState.PENDING,

@@ -144,7 +144,7 @@ class QueueMachine(RuleBasedStateMachine):
     )
     def complete(self, data: st.DataObject, outcome: Outcome, fault: str | None) -> None:
         token = data.draw(st.sampled_from(list(self.tokens)))
-        item = self._attempt(lambda: self.manager.complete(token, outcome, 0, "", ""), fault)
+        item = self._attempt(lambda: self.manager.complete(token, outcome, 0, b"", ""), fault)
         if item is not None and outcome is Outcome.SUCCEEDED:
             self.successes[(item.job_id, item.generation)] += 1
 
@@ -179,7 +179,7 @@ class QueueMachine(RuleBasedStateMachine):
     )
     def complete_live(self, data: st.DataObject, outcome: Outcome, fault: str | None) -> None:
         token = data.draw(st.sampled_from(self._live_tokens()))
-        item = self._attempt(lambda: self.manager.complete(token, outcome, 1, "", ""), fault)
+        item = self._attempt(lambda: self.manager.complete(token, outcome, 1, b"", ""), fault)
         if item is not None and outcome is Outcome.SUCCEEDED:
             self.successes[(item.job_id, item.generation)] += 1
 

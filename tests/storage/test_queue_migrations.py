@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 
 from services.common import db, migrations
 from services.queue.bootstrap import MIGRATIONS
-from services.queue.domain import ItemState
+from services.queue.domain import ItemState, Outcome
 from services.queue.store import QueueStore
 from tests.storage.queue_support import make_manager, new
 
@@ -116,6 +116,45 @@ def test_undoing_0003_keeps_an_offline_drained_worker_draining(database_url: str
         assert connection.execute(text("SELECT state FROM workers")).scalar_one() == "DRAINING"
 
 
+WORKER_DRAINED = "3d9a6b1c5e20"  # 0003: output_tail and error still text
+
+
+def test_text_kept_before_0004_comes_back_as_its_utf8_bytes(database_url: str) -> None:
+    engine = db.make_engine(database_url, setting="QUEUE_DATABASE_URL")
+    alembic(engine, "upgrade", WORKER_DRAINED)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO items (job_id, generation, spec, state, priority, run_at, seq,"
+                " max_attempts, attempt, worker_types, labels, lease_seconds, worker_id,"
+                " version, cancel_requested, exit_code, output_tail, error, report_seq,"
+                " trace_context, created_at, updated_at) VALUES ('job-1', 1, :spec, 'FAILED',"
+                " 0, '2026-11-01 00:00:00', 1, 1, 1, '', '{}', 0, 'w', 1, false, 2, :tail,"
+                " :error, 1, '{}', '2026-11-01 00:00:00', '2026-11-01 00:00:00')"
+            ),
+            {"spec": SPEC.SerializeToString(), "tail": "h\u00e9 \\ \u2603\n", "error": "why\\0"},
+        )
+
+    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+
+    item = QueueStore(engine).get("job-1")
+    assert item is not None
+    assert (item.output_tail, item.error) == ("h\u00e9 \\ \u2603\n".encode(), "why\\0")
+
+
+def test_undoing_0004_keeps_the_text_that_text_can_hold(database_url: str) -> None:
+    manager = make_manager(database_url)
+    manager.enqueue(new("job-1"))
+    (lease,) = manager.claim("w-1", "process", {}, 1, 30.0, 0.0)
+    manager.complete(lease.token, Outcome.FAILED, 1, b"ok \x00\xff\n", "e\x00rr \u00e9")
+
+    alembic(manager.store.engine, "downgrade", WORKER_DRAINED)
+
+    with manager.store.engine.connect() as connection:
+        row = connection.execute(text("SELECT output_tail, error FROM items")).one()
+    assert tuple(row) == ("ok \ufffd\n", "err \u00e9")
+
+
 def test_undoing_0007_puts_a_held_next_generation_in_its_items_place(database_url: str) -> None:
     manager = make_manager(database_url)
     manager.enqueue(new("j-1"))
@@ -124,7 +163,7 @@ def test_undoing_0007_puts_a_held_next_generation_in_its_items_place(database_ur
     manager.enqueue(new("j-1", generation=2))  # held while generation 1 holds its lease
     engine = manager.store.engine
 
-    alembic(engine, "downgrade", "3d9a6b1c5e20")  # 0003
+    alembic(engine, "downgrade", "6e17bcc13aaf")  # 0004
 
     with engine.connect() as connection:
         row = connection.execute(

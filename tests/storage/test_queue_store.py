@@ -46,22 +46,22 @@ def test_fencing_a_stale_token_changes_nothing(manager: QueueManager) -> None:
     manager.release(lease.token, "test")
     [second] = manager.claim("w-2", "process", {}, 1, 30)
     with pytest.raises(FailedPrecondition) as error:
-        manager.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+        manager.complete(lease.token, Outcome.SUCCEEDED, 0, b"", "")
     assert error.value.reason == "LEASE_NOT_HELD"
     item = manager.get("j-1")
     assert item.state is ItemState.LEASED and item.worker_id == "w-2"
-    manager.complete(second.token, Outcome.SUCCEEDED, 0, "ok", "")
+    manager.complete(second.token, Outcome.SUCCEEDED, 0, b"ok", "")
     assert manager.get("j-1").state is ItemState.SUCCEEDED
 
 
 def test_failures_retry_then_dead_letter(manager: QueueManager) -> None:
     manager.enqueue(new("j-1"))
     [first] = manager.claim("w", "process", {}, 1, 30)
-    manager.complete(first.token, Outcome.FAILED, 3, "", "")
+    manager.complete(first.token, Outcome.FAILED, 3, b"", "")
     assert manager.get("j-1").state is ItemState.WAITING
     [second] = manager.claim("w", "process", {}, 1, 30)
     assert second.item.attempt == 2
-    manager.complete(second.token, Outcome.FAILED, 3, "", "")
+    manager.complete(second.token, Outcome.FAILED, 3, b"", "")
     item = manager.get("j-1")
     assert item.state is ItemState.DEAD_LETTERED and item.exit_code == 3
     manager.redrive("j-1")
@@ -220,7 +220,7 @@ def test_a_drain_through_one_replica_holds_on_the_other(database_url: str) -> No
     assert a.claim("w-1", "process", {}, 1, 30) == []
     assert a.get("j-2").state is ItemState.WAITING
     assert a.cache.claimable() == {"j-2"} and a.cache.staged_count() == 0
-    a.complete(first.token, Outcome.SUCCEEDED, 0, "", "")  # its running work still ends
+    a.complete(first.token, Outcome.SUCCEEDED, 0, b"", "")  # its running work still ends
     [other] = a.claim("w-2", "process", {}, 1, 30)
     assert other.item.job_id == "j-2"
 
@@ -619,7 +619,7 @@ def test_each_committed_report_wakes_the_relay_a_claims_included(manager: QueueM
     manager.get("j-1")
     manager.workers()
     assert reports.version == seen
-    manager.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+    manager.complete(lease.token, Outcome.SUCCEEDED, 0, b"", "")
     assert reports.version != seen
 
 
@@ -688,7 +688,7 @@ def test_two_replicas_on_one_postgres_never_double_lease(postgres_cluster) -> No
             if not leases:
                 return
             for lease in leases:
-                replica.complete(lease.token, Outcome.SUCCEEDED, 0, "", "")
+                replica.complete(lease.token, Outcome.SUCCEEDED, 0, b"", "")
             with lock:
                 claimed.update(lease.item.job_id for lease in leases)
 

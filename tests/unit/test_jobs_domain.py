@@ -113,7 +113,7 @@ def test_retry_starts_a_new_generation_and_keeps_attempts(state: JobState) -> No
         attempts=3,
         last_sequence=7,
         exit_code=1,
-        output_tail="boom",
+        output_tail=b"boom",
         error="exited with 1",
         worker_id="w-1",
         started_at=T0,
@@ -125,7 +125,7 @@ def test_retry_starts_a_new_generation_and_keeps_attempts(state: JobState) -> No
     assert job.generation == 2
     assert job.attempts == 3
     assert job.last_sequence == 0
-    assert (job.exit_code, job.output_tail, job.error, job.worker_id) == (None, "", "", "")
+    assert (job.exit_code, job.output_tail, job.error, job.worker_id) == (None, b"", "", "")
     assert (job.started_at, job.ended_at, job.updated_at) == (None, None, now)
     assert (event.state, event.generation, event.actor) == (JobState.PENDING, 2, "admin")
     assert "generation 2" in event.reason
@@ -158,10 +158,10 @@ def test_a_job_runs_to_success() -> None:
     assert job.started_at == T0 + timedelta(seconds=2)
 
     done = domain.apply_update(
-        job, update(job, JobState.SUCCEEDED, 3, worker_id="w-1", exit_code=0, output_tail="ok\n")
+        job, update(job, JobState.SUCCEEDED, 3, worker_id="w-1", exit_code=0, output_tail=b"ok\n")
     )
     assert done is not None and done.state is JobState.SUCCEEDED
-    assert (job.state, job.exit_code, job.output_tail) == (JobState.SUCCEEDED, 0, "ok\n")
+    assert (job.state, job.exit_code, job.output_tail) == (JobState.SUCCEEDED, 0, b"ok\n")
     assert job.ended_at == T0 + timedelta(seconds=3)
     assert job.last_sequence == 3
 
@@ -210,9 +210,9 @@ def test_a_report_after_cancel_does_not_revive_the_job() -> None:
     assert job.attempts == 1
 
     # The worker's last word on a cancelled job is kept, the state is not.
-    last = update(job, JobState.CANCELLED, 4, exit_code=143, output_tail="bye", worker_id="w-1")
+    last = update(job, JobState.CANCELLED, 4, exit_code=143, output_tail=b"bye", worker_id="w-1")
     assert domain.apply_update(job, last) is None
-    assert (job.state, job.exit_code, job.output_tail) == (JobState.CANCELLED, 143, "bye")
+    assert (job.state, job.exit_code, job.output_tail) == (JobState.CANCELLED, 143, b"bye")
 
 
 def test_a_finished_job_ignores_later_reports() -> None:
@@ -377,10 +377,10 @@ def test_queue_reports_run_a_job_through_a_failed_attempt_to_success() -> None:
     item = make_item(job)
     deliver(job, queue.enqueued(item, T0))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.FAILED, 1, "boom", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.FAILED, 1, b"boom", "", T0, POLICY))
     assert (job.state, job.error) == (JobState.QUEUED, "exited with 1")
     deliver(job, queue.lease(item, "w-2", 30, T0))
-    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, "ok", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"ok", "", T0, POLICY))
     assert (job.state, job.attempts, job.exit_code, job.worker_id) == (
         JobState.SUCCEEDED,
         2,
@@ -394,9 +394,9 @@ def test_a_succeeded_job_does_not_show_an_earlier_attempts_error() -> None:
     item = make_item(job)
     deliver(job, queue.enqueued(item, T0))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.FAILED, 1, "boom", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.FAILED, 1, b"boom", "", T0, POLICY))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, "ok", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"ok", "", T0, POLICY))
     assert job.state is JobState.SUCCEEDED
     assert job.error == "", "the job succeeded, yet it still shows the failed attempt's error"
 
@@ -407,14 +407,14 @@ def test_dead_letter_then_retry_keeps_counting_attempts() -> None:
     deliver(job, queue.enqueued(item, T0))
     for _ in range(2):
         deliver(job, queue.lease(item, "w-1", 30, T0))
-        deliver(job, queue.complete(item, Outcome.FAILED, 1, "", "", T0, POLICY))
+        deliver(job, queue.complete(item, Outcome.FAILED, 1, b"", "", T0, POLICY))
     assert (job.state, job.attempts) == (JobState.FAILED, 2)
 
     domain.retry(job, T0, actor="client")
     item = make_item(job)
     deliver(job, queue.enqueued(item, T0))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, "", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"", "", T0, POLICY))
     assert (job.state, job.generation, job.attempts) == (JobState.SUCCEEDED, 2, 3)
 
 
@@ -425,7 +425,7 @@ def test_a_released_lease_is_not_counted_as_an_attempt() -> None:
     deliver(job, queue.lease(item, "w-1", 30, T0))
     deliver(job, queue.release(item, "the worker is shutting down", T0))
     deliver(job, queue.lease(item, "w-2", 30, T0))
-    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, "", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"", "", T0, POLICY))
     assert item.attempt == 1
     assert job.state is JobState.SUCCEEDED
     assert job.attempts == item.attempt, "the job counts an attempt the queue gave back"
@@ -436,11 +436,11 @@ def test_a_redriven_dead_letter_shows_on_the_job() -> None:
     item = make_item(job, max_attempts=1)
     deliver(job, queue.enqueued(item, T0))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.FAILED, 1, "", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.FAILED, 1, b"", "", T0, POLICY))
     assert (item.state, job.state) == (ItemState.DEAD_LETTERED, JobState.FAILED)
 
     deliver(job, queue.redrive(item, T0))
     deliver(job, queue.lease(item, "w-1", 30, T0))
-    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, "ok", "", T0, POLICY))
+    deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"ok", "", T0, POLICY))
     assert item.state is ItemState.SUCCEEDED
     assert job.state is JobState.SUCCEEDED, "the queue ran the redriven item; the job never knew"

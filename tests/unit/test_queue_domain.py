@@ -105,7 +105,7 @@ def test_heartbeat_extends_the_deadline() -> None:
 def test_failed_attempt_waits_for_a_retry_in_the_future() -> None:
     item = make_item()
     domain.lease(item, "w-1", 30.0, T0)
-    report = domain.fail_attempt(item, "exited with 2", T0, POLICY, exit_code=2, output_tail="x")
+    report = domain.fail_attempt(item, "exited with 2", T0, POLICY, exit_code=2, output_tail=b"x")
     assert item.state is ItemState.WAITING
     assert item.lease_token is None and item.lease_deadline is None
     # first retry: between base/2 and base
@@ -132,23 +132,23 @@ def test_complete_with_success() -> None:
     item = make_item()
     domain.lease(item, "w-1", 30.0, T0)
     token = item.lease_token
-    report = domain.complete(item, Outcome.SUCCEEDED, 0, "ok\n", "", T0, POLICY)
+    report = domain.complete(item, Outcome.SUCCEEDED, 0, b"ok\n", "", T0, POLICY)
     assert item.state is ItemState.SUCCEEDED
-    assert (report.job_state, report.exit_code, report.output_tail) == ("SUCCEEDED", 0, "ok\n")
+    assert (report.job_state, report.exit_code, report.output_tail) == ("SUCCEEDED", 0, b"ok\n")
     assert_lease_not_held(item, token)  # type: ignore[arg-type]
 
 
 def test_complete_with_failure_is_a_failed_attempt() -> None:
     item = make_item(max_attempts=2)
     domain.lease(item, "w-1", 30.0, T0)
-    report = domain.complete(item, Outcome.FAILED, 7, "tail", "", T0, POLICY)
+    report = domain.complete(item, Outcome.FAILED, 7, b"tail", "", T0, POLICY)
     assert (item.state, report.job_state, report.error) == (
         ItemState.WAITING,
         "QUEUED",
         "exited with 7",
     )
     domain.lease(item, "w-1", 30.0, T0)
-    report = domain.complete(item, Outcome.FAILED, 7, "tail", "segfault", T0, POLICY)
+    report = domain.complete(item, Outcome.FAILED, 7, b"tail", "segfault", T0, POLICY)
     assert (item.state, report.job_state, report.error) == (
         ItemState.DEAD_LETTERED,
         "FAILED",
@@ -161,7 +161,7 @@ def test_complete_after_cancel() -> None:
     domain.lease(item, "w-1", 30.0, T0)
     assert domain.cancel(item, T0) is None
     assert item.cancel_requested and item.state is ItemState.LEASED
-    report = domain.complete(item, Outcome.CANCELLED, 143, "", "stopped", T0, POLICY)
+    report = domain.complete(item, Outcome.CANCELLED, 143, b"", "stopped", T0, POLICY)
     assert item.state is ItemState.CANCELLED
     assert (report.job_state, report.exit_code) == ("CANCELLED", 143)
 
@@ -313,9 +313,9 @@ def test_any_sequence_of_moves_keeps_the_rules(
             if move == "fail":
                 report = domain.fail_attempt(item, "boom", now, policy)
             elif move == "succeed":
-                report = domain.complete(item, Outcome.SUCCEEDED, 0, "", "", now, policy)
+                report = domain.complete(item, Outcome.SUCCEEDED, 0, b"", "", now, policy)
             elif move == "cancel_outcome":
-                report = domain.complete(item, Outcome.CANCELLED, 143, "", "", now, policy)
+                report = domain.complete(item, Outcome.CANCELLED, 143, b"", "", now, policy)
             elif move == "release":
                 cancelled = item.cancel_requested
                 report = domain.release(item, "", now)
@@ -361,7 +361,7 @@ def test_an_attempt_ending_after_a_cancel_is_not_run_again(end: str) -> None:
     if end == "fail":
         report = domain.fail_attempt(item, "exited with 1", T0, POLICY, exit_code=1)
     elif end == "complete_failed":
-        report = domain.complete(item, Outcome.FAILED, 1, "", "", T0, POLICY)
+        report = domain.complete(item, Outcome.FAILED, 1, b"", "", T0, POLICY)
     else:
         report = domain.release(item, "the worker is shutting down", T0)
     # The job was cancelled: the item must not go back to WAITING to be claimed again.
@@ -396,7 +396,7 @@ def apply(item: Item, move: str, now: datetime) -> None:
         outcome = {"succeed": Outcome.SUCCEEDED, "fail": Outcome.FAILED}.get(
             move, Outcome.CANCELLED
         )
-        domain.complete(item, outcome, 3, "tail", "boom", now, POLICY)
+        domain.complete(item, outcome, 3, b"tail", "boom", now, POLICY)
     elif move == "release" and item.state is ItemState.LEASED:
         domain.release(item, "drain", now)
     elif move == "cancel" and item.state in (
@@ -426,7 +426,7 @@ def test_transitions_change_only_the_fields_the_store_writes(moves: list[str]) -
 def test_the_store_writes_every_transition_field_in_its_place() -> None:
     item = make_item(state=ItemState.LEASED, attempt=2, lease_token="t", worker_id="w")
     item.lease_deadline, item.lease_seconds, item.version = T0 + timedelta(seconds=9), 9.0, 4
-    item.exit_code, item.output_tail, item.error, item.report_seq = 3, "tail", "err", 5
+    item.exit_code, item.output_tail, item.error, item.report_seq = 3, b"tail", "err", 5
     item.cancel_requested, item.updated_at = True, T0 + timedelta(seconds=1)
 
     written = dict(zip(TRANSITION_FIELDS, _transition_values(item), strict=True))

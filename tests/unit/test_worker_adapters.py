@@ -21,44 +21,15 @@ from services.worker.adapters import (
 # ---- OutputTail ---------------------------------------------------------------------------
 
 
-ascii_chunks = st.lists(st.text(alphabet="abcxyz\n", max_size=50).map(str.encode), max_size=40)
-
-
-@given(ascii_chunks, st.integers(1, 120))
+@given(st.lists(st.binary(max_size=50), max_size=40), st.integers(1, 120))
 def test_tail_keeps_exactly_the_last_limit_bytes(chunks: list[bytes], limit: int) -> None:
+    """Any bytes, NUL and invalid UTF-8 included, come back as written."""
     tail = OutputTail(limit)
     for chunk in chunks:
         tail.add(chunk)
     data = b"".join(chunks)
     assert tail.total == len(data)
-    assert tail.text() == data[-limit:].decode()
-
-
-@given(st.lists(st.binary(max_size=50), max_size=40), st.integers(1, 120))
-def test_tail_text_never_exceeds_limit_bytes(chunks: list[bytes], limit: int) -> None:
-    tail = OutputTail(limit)
-    for chunk in chunks:
-        tail.add(chunk)
-    assert tail.total == sum(map(len, chunks))
-    assert len(tail.text().encode()) <= limit
-
-
-@given(st.text(max_size=200), st.integers(1, 60), st.data())
-def test_tail_of_utf8_text_is_its_end(text: str, limit: int, data: st.DataObject) -> None:
-    encoded = text.encode()
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(encoded)), max_size=6)))
-    tail = OutputTail(limit)
-    for start, end in zip([0, *cuts], [*cuts, len(encoded)], strict=True):
-        tail.add(encoded[start:end])
-    kept = tail.text()
-    assert len(kept.encode()) <= limit
-    # At most one character cut in half at the front is lost (a partial 4-byte character
-    # may come back as one replacement character).
-    assert text.endswith(kept.lstrip("\ufffd")) or "\ufffd" in text
-    if len(encoded) >= limit:
-        assert len(kept.encode()) >= limit - 3
-    else:
-        assert kept == text
+    assert tail.data() == data[-limit:]
 
 
 def test_tail_default_limit_and_large_output() -> None:
@@ -67,16 +38,16 @@ def test_tail_default_limit_and_large_output() -> None:
     for i in range(100):
         tail.add(f"{i:04d}".encode() * 1024)  # 4 KiB per chunk
     assert tail.total == 400 * 1024
-    kept = tail.text()
+    kept = tail.data()
     assert len(kept) == TAIL_BYTES
-    assert kept.endswith("0099") and kept.startswith("0084")
+    assert kept.endswith(b"0099") and kept.startswith(b"0084")
 
 
 def test_tail_with_limit_zero_keeps_nothing() -> None:
     tail = OutputTail(0)
     tail.add(b"hello")
     assert tail.total == 5
-    assert tail.text() == ""
+    assert tail.data() == b""
 
 
 # ---- MockAdapter --------------------------------------------------------------------------
@@ -118,7 +89,7 @@ def test_mock_results_and_stop() -> None:
     assert ok.wait(5)
     assert (ok.result().exit_code, ok.result().output_tail, ok.result().error) == (
         0,
-        "mock success\n",
+        b"mock success\n",
         "",
     )
     failed = MockAdapter(0.0, 1.0, seed=0).start(TASK)
@@ -135,7 +106,7 @@ def test_mock_results_and_stop() -> None:
 # ---- ProcessAdapter -----------------------------------------------------------------------
 
 
-def run(command: list[str], **task: object) -> tuple[int | None, str, str, int]:
+def run(command: list[str], **task: object) -> tuple[int | None, bytes, str, int]:
     execution = ProcessAdapter().start(
         Task(command=command, env=task.get("env", {}), working_directory=task.get("cwd", ""))  # type: ignore[arg-type]
     )
@@ -145,14 +116,14 @@ def run(command: list[str], **task: object) -> tuple[int | None, str, str, int]:
 
 
 def test_process_exit_code() -> None:
-    assert run(["sh", "-c", "exit 3"])[:3] == (3, "", "")
+    assert run(["sh", "-c", "exit 3"])[:3] == (3, b"", "")
     assert run(["true"])[0] == 0
 
 
 def test_process_output_is_captured_with_stderr() -> None:
     code, tail, _, total = run(["sh", "-c", "printf out; printf err >&2"])
     assert code == 0
-    assert sorted([tail[:3], tail[3:]]) == ["err", "out"]
+    assert sorted([tail[:3], tail[3:]]) == [b"err", b"out"]
     assert total == 6
 
 
@@ -161,12 +132,12 @@ def test_process_env_is_only_the_base_and_the_tasks(monkeypatch: pytest.MonkeyPa
     _, tail, _, _ = run(
         ["sh", "-c", 'echo "[$GREETING][$BLIXARD_TEST_SECRET]"'], env={"GREETING": "hi"}
     )
-    assert tail == "[hi][]\n"
+    assert tail == b"[hi][]\n"
 
 
 def test_process_working_directory(tmp_path: Path) -> None:
     _, tail, _, _ = run(["pwd"], cwd=str(tmp_path))
-    assert tail.strip() == str(tmp_path.resolve())
+    assert tail.strip() == str(tmp_path.resolve()).encode()
 
 
 def test_process_that_cannot_start() -> None:
@@ -225,8 +196,8 @@ def test_stop_kills_a_process_group_that_ignores_sigterm() -> None:
     script = 'trap "" TERM; sleep 300 & echo $!; wait'
     execution = ProcessAdapter().start(Task(["sh", "-c", script], {}, ""))
     pid = execution.process.pid  # type: ignore[attr-defined]
-    assert wait_until(lambda: execution.tail.text().strip().isdigit())  # type: ignore[attr-defined]
-    child = int(execution.tail.text())  # type: ignore[attr-defined]
+    assert wait_until(lambda: execution.tail.data().strip().isdigit())  # type: ignore[attr-defined]
+    child = int(execution.tail.data())  # type: ignore[attr-defined]
     execution.stop(grace=0.3)
     result = execution.result()
     assert (result.exit_code, result.error) == (137, "killed by SIGKILL")
@@ -238,8 +209,8 @@ def test_stop_kills_children_that_outlive_their_leader() -> None:
     script = '(trap "" TERM; exec sleep 300) & echo $!; exec sleep 300'
     execution = ProcessAdapter().start(Task(["sh", "-c", script], {}, ""))
     pid = execution.process.pid  # type: ignore[attr-defined]
-    assert wait_until(lambda: execution.tail.text().strip().isdigit())  # type: ignore[attr-defined]
-    child = int(execution.tail.text())  # type: ignore[attr-defined]
+    assert wait_until(lambda: execution.tail.data().strip().isdigit())  # type: ignore[attr-defined]
+    child = int(execution.tail.data())  # type: ignore[attr-defined]
     started = time.monotonic()
     execution.stop(grace=5.0)
     assert time.monotonic() - started < 4.0

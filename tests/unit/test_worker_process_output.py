@@ -36,7 +36,7 @@ def test_output_reaches_the_sink_while_the_process_runs() -> None:
     assert execution.wait(10)
     result = execution.result()
     assert sink.data() == b"first\nsecond\n"
-    assert (result.output_tail, result.total_bytes) == ("first\nsecond\n", 13)
+    assert (result.output_tail, result.total_bytes) == (b"first\nsecond\n", 13)
 
 
 def alive(pid: int) -> bool:

@@ -49,7 +49,7 @@ class FakeQueue:
             return token in self.cancelled
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
     ) -> None:
         with self.lock:
             self.completed.append((token, outcome, exit_code))
@@ -81,12 +81,12 @@ class FakeExecution:
         self._done.set()
 
     def result(self) -> Result:
-        return Result(137, "", 0, "stopped") if self.stopped else self._result
+        return Result(137, b"", 0, "stopped") if self.stopped else self._result
 
 
 @dataclass
 class FakeAdapter:
-    result: Result = field(default_factory=lambda: Result(0, "ok\n", 3))
+    result: Result = field(default_factory=lambda: Result(0, b"ok\n", 3))
     seconds: float = 0.0
     started: list[Task] = field(default_factory=list)
 
@@ -143,7 +143,7 @@ def eventually(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-unty
 
 def test_a_job_is_completed_and_tracked(running: list) -> None:  # type: ignore[type-arg]
     queue = FakeQueue(waiting=[item("a")])
-    worker = run(running, queue, FakeAdapter(Result(3, "boom\n", 5, "")))
+    worker = run(running, queue, FakeAdapter(Result(3, b"boom\n", 5, "")))
     assert eventually(lambda: queue.completed)
     assert queue.completed == [("a", "FAILED", 3)]
     [entry] = worker.tracker.find("job-a")
@@ -159,7 +159,7 @@ def test_an_idle_worker_does_not_spin(running: list) -> None:  # type: ignore[ty
 
 def test_an_unavailable_executor_releases_and_pauses_claims(running: list) -> None:  # type: ignore[type-arg]
     queue = FakeQueue(waiting=[item("vm")])
-    adapter = FakeAdapter(Result(None, "", 0, "", unavailable="UNAVAILABLE: no VM manager"))
+    adapter = FakeAdapter(Result(None, b"", 0, "", unavailable="UNAVAILABLE: no VM manager"))
     worker = run(running, queue, adapter)
     assert eventually(lambda: queue.released)
     assert queue.completed == [], "not failed"
@@ -252,7 +252,7 @@ class DownQueue(FakeQueue):
     down_for: int = 0
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: str, error: str
+        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
     ) -> None:
         with self.lock:
             if self.down_for > 0:

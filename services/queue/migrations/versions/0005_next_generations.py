@@ -1,7 +1,7 @@
 """next_generations: a job's next generation waits here while its current one holds a lease
 
 Revision ID: 0c7a11ce5e07
-Revises: 3d9a6b1c5e20
+Revises: 6e17bcc13aaf
 Create Date: 2026-12-03 11:45:00
 
 """
@@ -13,7 +13,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "0c7a11ce5e07"
-down_revision: Union[str, Sequence[str], None] = "3d9a6b1c5e20"
+down_revision: Union[str, Sequence[str], None] = "6e17bcc13aaf"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
