@@ -132,4 +132,5 @@ def status_update(request: pb.UpdateJobStatusRequest, fallback_time: object) -> 
         output_tail=request.output_tail,
         error=request.error,
         reason=request.reason,
+        actor=request.actor,
     )
