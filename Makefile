@@ -94,14 +94,16 @@ bench-peers: $(STUBS)
 
 COMPOSE := $(PY) -m tools.compose
 
-.env:
+# Needs the venv (its python), not newer than it: an existing .env is never rewritten.
+.env: | $(INSTALLED)
 	$(PY) -m tools.dotenv
 
 up: $(INSTALLED) .env
 	$(COMPOSE) up -d --build --wait
 
+# `make down ARGS=-v` also deletes the data volumes (PostgreSQL's, the VM service's).
 down: $(INSTALLED)
-	$(COMPOSE) down
+	$(COMPOSE) down $(ARGS)
 
 logs: $(INSTALLED)
 	$(COMPOSE) logs -f --tail=200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import math
 import os
@@ -162,3 +163,35 @@ class FirstLogs(logging.Handler):
             return "service log: no warnings or errors"
         counted = ", ".join(f"{n} {level}" for level, n in sorted(self.counts.items()))
         return f"service log: {counted} (the first {self.show} shown above)"
+
+
+def misfits(stand_in: object, port: type) -> list[str]:
+    """How a bench's stand-in fails to fit the port (a typing.Protocol) it stands in for:
+    each method of the port that it lacks, or takes other parameters. Empty when it fits."""
+    problems = []
+    for klass in port.__mro__:
+        if klass is object or not getattr(klass, "_is_protocol", False):
+            continue
+        for name, wanted in vars(klass).items():
+            if name.startswith("_") or not callable(wanted):
+                continue
+            have = getattr(stand_in, name, None)
+            if not callable(have):
+                problems.append(f"{name}() is missing")
+                continue
+            expected = list(inspect.signature(wanted).parameters)[1:]  # without self
+            actual = list(inspect.signature(have).parameters)
+            if actual != expected:
+                problems.append(f"{name}({', '.join(actual)}) should take ({', '.join(expected)})")
+    return problems
+
+
+def check_fits(stand_in: object, port: type) -> None:
+    """Stop the bench, loudly, when its stand-in no longer fits the port: the figures would
+    be taken with the service failing on every call to it."""
+    problems = misfits(stand_in, port)
+    if problems:
+        raise SystemExit(
+            f"bench: the stand-in {type(stand_in).__name__} no longer fits "
+            f"{port.__module__}.{port.__qualname__}: {'; '.join(problems)}"
+        )

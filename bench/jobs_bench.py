@@ -44,12 +44,22 @@ from blixard.jobs.v1 import jobs_service_pb2 as pb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from sqlalchemy import Engine, insert, text, update
 
-from bench.common import FirstLogs, Phases, Summary, machine_facts, ratio, say, table
+from bench.common import (
+    FirstLogs,
+    Phases,
+    Summary,
+    check_fits,
+    machine_facts,
+    ratio,
+    say,
+    table,
+)
 from services.common import db
 from services.common.server import Running
 from services.jobs import bootstrap, config
 from services.jobs.domain import Job, JobState
 from services.jobs.models import JobRow
+from services.jobs.relay import QueuePort
 from services.jobs.store import _values
 from tests.conftest import free_port
 
@@ -62,10 +72,14 @@ COMMANDS = ("GetJob", "CancelJob", "UpdateJobStatus")
 
 
 class NoopQueue:
-    """The queue port, doing nothing: the relay delivers and deletes outbox rows, quietly."""
+    """The queue port, doing nothing: the relay delivers and deletes outbox rows, quietly.
+    ``main`` checks that it still fits ``QueuePort`` before anything is measured."""
 
     def enqueue(self, job: Job) -> None:
         pass
+
+    def enqueue_many(self, jobs: list[Job]) -> list[Exception | None]:
+        return [None] * len(jobs)
 
     def cancel(self, job_id: str, generation: int, timeout: float = 0.0) -> None:
         pass
@@ -547,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run the submit clients as threads of this process (sharing the server's GIL)",
     )
     args = parser.parse_args(argv)
+    check_fits(NoopQueue(), QueuePort)
 
     small = 1_000
     large = 100_000 if args.quick else 1_000_000

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,11 @@ from services.common.client import open_channel
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# A deployment of the user's may hold jobs of theirs and of earlier test runs: every job a
+# test submits carries this run's label (and request ids start with it), and a test lists
+# only the jobs of its run.
+RUN_ID = f"t{uuid.uuid4().hex[:12]}"
+RUN_LABEL = ("test-run", RUN_ID)
 
 
 def wait_healthy(

@@ -1,8 +1,9 @@
 """`make run`: the whole suite on this machine (SQLite under ./var/), stopped by Ctrl-C.
 
-Starts the jobs, queue and VM services and one process worker as child processes, waits
-until each answers its health check, prints where they listen, and on Ctrl-C (or SIGTERM)
-sends SIGTERM to all of them and waits for them to exit.
+Starts the jobs, queue and VM services and one process worker as child processes (on the
+ports JOBS_GRPC_PORT, QUEUE_GRPC_PORT and VMS_GRPC_PORT choose, every address between
+them following), waits until each answers its health check, prints where they listen,
+and on Ctrl-C (or SIGTERM) sends SIGTERM to all of them and waits for them to exit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ SERVICES = [
 def port_of(setting: str, default: int) -> int:
     value = os.environ.get(setting, "").strip()
     return int(value) if value.isdigit() else default
+
+
+def addresses() -> dict[str, str]:
+    """Where each process finds the others: the ports chosen (JOBS_GRPC_PORT, ...), so a
+    suite on other ports never calls the default ones. An address set itself is kept."""
+    jobs, queue, vms = (
+        f"127.0.0.1:{port_of(setting, default)}" for *_, setting, default in SERVICES
+    )
+    chosen = {
+        "JOBS_QUEUE_ADDRESS": queue,
+        "QUEUE_JOBS_ADDRESS": jobs,
+        "WORKER_QUEUE_ADDRESS": queue,
+        "WORKER_JOBS_ADDRESS": jobs,
+        "WORKER_VMS_ADDRESS": vms,
+    }
+    return {name: os.environ.get(name) or value for name, value in chosen.items()}
 
 
 def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
@@ -61,6 +78,7 @@ def vm_manager_available(address: str) -> bool:
 def main() -> int:
     os.chdir(ROOT)
     (ROOT / "var").mkdir(exist_ok=True)
+    os.environ.update(addresses())  # the children's environment
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 
@@ -91,7 +109,7 @@ def main() -> int:
         spawn("worker", "services.worker")
         vms = f"127.0.0.1:{port_of('VMS_GRPC_PORT', 50053)}"
         if vm_manager_available(vms):  # a vm worker beside it, for ISOLATION_LEVEL_VM jobs
-            os.environ.update(WORKER_TYPE="vm", WORKER_VMS_ADDRESS=vms)
+            os.environ.update(WORKER_TYPE="vm")
             spawn("vm-worker", "services.worker")
         print("\nBlixard is running (SQLite under ./var/):", flush=True)
         for name, _module, setting, default in SERVICES:

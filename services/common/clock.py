@@ -41,15 +41,18 @@ class Clock:
         self._lock = threading.Lock()
 
     def timestamp(self) -> float:
-        """Seconds since the epoch: never negative, never below an earlier reading."""
-        mono = self._monotonic()
-        try:
-            reading = float(self._wall())
-        except (OSError, OverflowError, ValueError) as exc:
-            with self._lock:
+        """Seconds since the epoch: never negative, never below an earlier reading.
+
+        Both clocks are read inside the lock: read before it, a thread that took the lock
+        later could bring an earlier reading than the last one given, and a well-behaved
+        clock would look as if it had stepped backwards."""
+        with self._lock:
+            mono = self._monotonic()
+            try:
+                reading = float(self._wall())
+            except (OSError, OverflowError, ValueError) as exc:
                 self._warn_once(f"the wall clock could not be read ({exc}); {_GOING_ON}")
                 return self._go_on(mono)
-        with self._lock:
             if not math.isfinite(reading) or not 0 <= reading <= MAX_TIMESTAMP:
                 self._warn_once(
                     f"the wall clock reads {reading!r}, before the epoch, past the year "
@@ -78,7 +81,8 @@ class Clock:
         return self._last
 
     def _mark(self, mono: float) -> None:
-        if math.isfinite(mono):  # an injected monotonic clock may read anything
+        # An injected monotonic clock may read anything; the mark never goes backwards.
+        if math.isfinite(mono) and not mono < self._last_mono:
             self._last_mono = mono
 
     def now(self) -> datetime:

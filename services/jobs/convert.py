@@ -134,4 +134,5 @@ def status_update(request: pb.UpdateJobStatusRequest, fallback_time: object) -> 
         output_tail=sent_bytes(request.output_tail_bytes, request.output_tail),
         error=request.error,
         reason=request.reason,
+        actor=request.actor,
     )

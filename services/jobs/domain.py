@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from services.common.errors import FailedPrecondition
@@ -124,6 +125,7 @@ class StatusUpdate:
     output_tail: bytes = b""  # as the job wrote it
     error: str = ""
     reason: str = ""
+    actor: str = ""  # who caused it; empty from a queue that does not say
 
 
 def _move(job: Job, target: JobState, now: datetime) -> None:
@@ -195,6 +197,7 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
         return None
     if job.state is JobState.FAILED:  # redriven: the queue counts attempts from zero again
         job.attempts_base = job.attempts
+    update = _in_the_jobs_count(job, update)
     _move(job, update.state, update.at)
     if update.state is JobState.RUNNING:
         job.attempts = job.attempts_base + max(update.attempt, 1)
@@ -215,8 +218,22 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
         job.generation,
         job.state,
         update.at,
-        f"worker:{update.worker_id}" if update.worker_id else "queue",
+        update.actor or (f"worker:{update.worker_id}" if update.worker_id else "queue"),
         update.reason or update.error,
+    )
+
+
+def _in_the_jobs_count(job: Job, update: StatusUpdate) -> StatusUpdate:
+    """The queue says "attempt N" counting within the generation since its enqueue or
+    last redrive; the job's history and error say it in the job's own count."""
+    if not job.attempts_base or not update.attempt:
+        return update
+    pattern = re.compile(rf"\battempt {update.attempt}\b")
+    number = f"attempt {job.attempts_base + update.attempt}"
+    return replace(
+        update,
+        reason=pattern.sub(number, update.reason),
+        error=pattern.sub(number, update.error),
     )
 
 

@@ -134,6 +134,7 @@ def update_request(payload: dict[str, Any]) -> jpb.UpdateJobStatusRequest:
         error=payload.get("error", ""),
         event_time=pbtime.timestamp(datetime.fromisoformat(payload["at"])),
         reason=payload.get("reason", ""),
+        actor=payload.get("actor", ""),  # absent in reports written before it
     )
     if payload.get("exit_code") is not None:
         request.exit_code = payload["exit_code"]

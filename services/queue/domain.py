@@ -150,9 +150,11 @@ class Report:
     output_tail: bytes = b""
     error: str = ""
     reason: str = ""
+    actor: str = ""  # "worker:<id>", "queue" or "operator"
 
 
-def _report(item: Item, job_state: str, now: datetime, reason: str = "") -> Report:
+def _report(item: Item, job_state: str, now: datetime, reason: str = "", actor: str = "") -> Report:
+    """``actor``: who caused it; by default the worker that holds or held the lease."""
     item.report_seq += 1
     return Report(
         item.job_id,
@@ -166,6 +168,7 @@ def _report(item: Item, job_state: str, now: datetime, reason: str = "") -> Repo
         item.output_tail,
         item.error,
         reason,
+        actor or (f"worker:{item.worker_id}" if item.worker_id else "queue"),
     )
 
 
@@ -174,7 +177,7 @@ def new_lease_token() -> str:
 
 
 def enqueued(item: Item, now: datetime) -> Report:
-    return _report(item, "QUEUED", now, "enqueued")
+    return _report(item, "QUEUED", now, "enqueued", "queue")
 
 
 def lease(item: Item, worker_id: str, lease_seconds: float, now: datetime) -> Report:
@@ -221,9 +224,11 @@ def fail_attempt(
     policy: RetryPolicy,
     exit_code: int | None = None,
     output_tail: bytes = b"",
+    actor: str = "",
 ) -> Report:
     """The attempt failed: wait for a retry after a backoff, or dead-letter; a job
-    cancelled meanwhile ends CANCELLED and never runs again."""
+    cancelled meanwhile ends CANCELLED and never runs again. Reasons name no maximum:
+    the jobs service shows "attempt N" in the job's count, which goes on past it."""
     _end_lease(item)
     item.exit_code = exit_code
     item.output_tail = output_tail
@@ -231,23 +236,22 @@ def fail_attempt(
     item.updated_at = now
     if item.cancel_requested:
         item.state = ItemState.CANCELLED
-        return _report(item, "CANCELLED", now, f"cancelled; attempt {item.attempt}: {error}")
+        return _report(item, "CANCELLED", now, f"cancelled; attempt {item.attempt}: {error}", actor)
     if item.attempt >= item.max_attempts:
         item.state = ItemState.DEAD_LETTERED
         return _report(
-            item,
-            "FAILED",
-            now,
-            f"attempt {item.attempt} of {item.max_attempts} failed; dead-lettered",
+            item, "FAILED", now, f"attempt {item.attempt} failed, none left; dead-lettered", actor
         )
     delay = backoff(item.attempt - 1, policy.base_seconds, policy.cap_seconds)
     item.state = ItemState.WAITING
     item.run_at = now + timedelta(seconds=delay)
+    left = item.max_attempts - item.attempt
     return _report(
         item,
         "QUEUED",
         now,
-        f"attempt {item.attempt} of {item.max_attempts} failed; retry in {delay:.1f}s",
+        f"attempt {item.attempt} failed; {left} left, retry in {delay:.1f}s",
+        actor,
     )
 
 
@@ -294,12 +298,12 @@ def cancel(item: Item, now: datetime) -> Report | None:
     if item.state is ItemState.WAITING:
         item.state = ItemState.CANCELLED
         item.updated_at = now
-        return _report(item, "CANCELLED", now, "cancelled while waiting")
+        return _report(item, "CANCELLED", now, "cancelled while waiting", "operator")
     if item.state is ItemState.DEAD_LETTERED:
         # A job cancelled as its last attempt failed: no redrive may run it again.
         item.state = ItemState.CANCELLED
         item.updated_at = now
-        return _report(item, "CANCELLED", now, "cancelled while dead-lettered")
+        return _report(item, "CANCELLED", now, "cancelled while dead-lettered", "operator")
     if item.state is ItemState.LEASED:
         item.cancel_requested = True
         item.updated_at = now
@@ -324,9 +328,9 @@ def redrive(item: Item, now: datetime) -> Report:
     item.attempt = 0
     item.run_at = now
     item.updated_at = now
-    return _report(item, "QUEUED", now, "redriven from the dead letters")
+    return _report(item, "QUEUED", now, "redriven from the dead letters", "operator")
 
 
 def expire(item: Item, now: datetime, policy: RetryPolicy, why: str) -> Report:
-    """The lease ran out (or its worker went offline): a failed attempt."""
-    return fail_attempt(item, why, now, policy)
+    """The lease ran out (or its worker went offline): a failed attempt, the queue's act."""
+    return fail_attempt(item, why, now, policy, actor="queue")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import cast
 
@@ -11,7 +12,9 @@ from blixard.queue.v1 import queue_service_pb2 as qpb
 from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
 from services.common import pbtime
-from services.common.client import call
+from services.common.client import TRANSIENT_CODES, call
+from services.common.errors import describe
+from services.common.outbox import Transient
 from services.common.output import text_view
 
 CALL_TIMEOUT = 10.0
@@ -39,6 +42,11 @@ class QueueClient:
         leaves the jobs that accept any worker to the others)."""
         self._stub = qpb_grpc.QueueServiceStub(channel)
         self._named_only = named_only
+        # The claims in flight, so a stop need not wait for a long poll to end. Reentrant:
+        # interrupt() runs in a signal handler, maybe while this thread holds the lock.
+        self._claims: set[grpc.Future] = set()
+        self._claims_lock = threading.RLock()
+        self._interrupted = False
 
     def register(self, worker_id: str, worker_type: str, slots: int) -> float | None:
         """Register; the queue's worker timeout in seconds (None: it did not say)."""
@@ -67,11 +75,24 @@ class QueueClient:
             wait=pbtime.duration(wait),
             named_only=self._named_only,
         )
-        response: qpb.ClaimResponse = call(
-            self._stub.Claim,
-            request,  # type: ignore[assignment]
-            CALL_TIMEOUT + wait,
-        )
+        with self._claims_lock:
+            if self._interrupted:
+                return []
+            future = self._stub.Claim.future(request, timeout=CALL_TIMEOUT + wait)
+            self._claims.add(future)
+        try:
+            response: qpb.ClaimResponse = future.result()
+        except grpc.FutureCancelledError:
+            return []  # interrupted: the queue hands a claim that went away nothing
+        except grpc.RpcError as exc:
+            if self._interrupted:
+                return []
+            if exc.code() in TRANSIENT_CODES:
+                raise Transient(str(describe(exc))) from None
+            raise
+        finally:
+            with self._claims_lock:
+                self._claims.discard(future)
         return [
             ClaimedItem(
                 lease.item.job_id,
@@ -83,6 +104,15 @@ class QueueClient:
             )
             for lease in response.leases
         ]
+
+    def interrupt(self) -> None:
+        """No more claims: the one waiting in a long poll is cancelled at once (it answers
+        no items) and later ones answer none. Heartbeats and reports go on."""
+        with self._claims_lock:
+            self._interrupted = True
+            waiting = list(self._claims)
+        for future in waiting:
+            future.cancel()
 
     def heartbeat(self, token: str) -> bool:
         """Extend the lease; True when the job was cancelled."""

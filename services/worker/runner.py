@@ -126,8 +126,10 @@ class Worker:
                 self._stopping.wait(max(0.0, MIN_CLAIM_PERIOD - (time.monotonic() - started)))
 
     def stop(self) -> None:
-        """Ask the loop to drain and end (SIGTERM)."""
+        """Ask the loop to drain and end (SIGTERM): no new claims from now on, and the claim
+        waiting in a long poll ends at once rather than within WORKER_POLL_WAIT."""
         self._stopping.set()
+        self.queue.interrupt()
         with self._lock:
             self._lock.notify_all()
 
@@ -222,12 +224,11 @@ class Worker:
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_grace
         with self._lock:
-            if self._active:
-                log.info(
-                    "draining: %d running job(s), %.0fs grace",
-                    len(self._active),
-                    self.settings.drain_grace,
-                )
+            log.info(
+                "draining: no new claims; %d running job(s), %.0fs grace",
+                len(self._active),
+                self.settings.drain_grace,
+            )
             self._lock.wait_for(
                 lambda: not self._active, timeout=max(0.0, deadline - time.monotonic())
             )

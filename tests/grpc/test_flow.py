@@ -219,6 +219,38 @@ def test_retry_of_a_failed_job_runs_a_new_generation(suite: Stack) -> None:
     assert {e.generation for e in events} == {1, 2}, "the history is kept"
 
 
+def test_the_history_names_who_acted_and_the_attempt_in_the_jobs_count(suite: Stack) -> None:
+    """A redrive is an operator's act, not the last worker's; after a redrive and a retry
+    the history counts attempts as the job does (2, 3), not from 1 again."""
+    job = _submit(suite, spec("sh", "-c", "exit 4", max_attempts=1))
+    jobs = suite.jobs_stub()
+
+    def ended(attempts: int) -> jpb.Job | None:
+        current = jobs.GetJob(jpb.GetJobRequest(job_id=job.job_id), timeout=RPC_TIMEOUT).job
+        done = current.state == jpb.JOB_STATE_FAILED and current.attempts == attempts
+        return current if done else None
+
+    eventually(lambda: ended(1), 20, "the first attempt to fail")
+    suite.queue_stub().Redrive(qpb.RedriveRequest(job_id=job.job_id), timeout=RPC_TIMEOUT)
+    eventually(lambda: ended(2), 20, "the redriven attempt to fail")
+    jobs.RetryJob(jpb.RetryJobRequest(job_id=job.job_id), timeout=RPC_TIMEOUT)
+    last = eventually(lambda: ended(3), 20, "generation 2 to fail")
+    assert last.error == "exited with 4"
+
+    events = jobs.ListJobEvents(
+        jpb.ListJobEventsRequest(job_id=job.job_id), timeout=RPC_TIMEOUT
+    ).events
+    worker = "worker:grpc-test-worker"
+    [redriven] = [e for e in events if "redriven" in e.reason]
+    assert (redriven.state, redriven.actor) == (jpb.JOB_STATE_QUEUED, "operator")
+    runs = [(e.actor, e.reason) for e in events if e.state == jpb.JOB_STATE_RUNNING]
+    assert runs == [(worker, f"attempt {n} leased to grpc-test-worker") for n in (1, 2, 3)]
+    ends = [(e.actor, e.reason) for e in events if e.state == jpb.JOB_STATE_FAILED]
+    assert ends == [(worker, f"attempt {n} failed, none left; dead-lettered") for n in (1, 2, 3)]
+    [retried] = [e for e in events if e.reason.startswith("retry")]
+    assert retried.actor == "client"
+
+
 def test_submit_succeeds_while_the_queue_is_down_and_delivery_resumes(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
-from tests.deployment import ROOT, Deployment
+from tests.deployment import ROOT, RUN_ID, RUN_LABEL, Deployment
 
 
 def blixctl(
@@ -17,8 +18,20 @@ def blixctl(
     env = dict(os.environ)
     if deployment.client_token:
         env["BLIXARD_CLIENT_TOKEN"] = deployment.client_token
+    mine: tuple[str, ...] = ()
+    if args[:1] == ("submit",):  # every job of this run carries its label and request ids
+        mine = ("--label", "=".join(RUN_LABEL), "--request-id", f"{RUN_ID}-{uuid.uuid4()}")
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args[:1], "--address", deployment.jobs, *args[1:]],
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            *args[:1],
+            "--address",
+            deployment.jobs,
+            *mine,
+            *args[1:],
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,13 +56,16 @@ def test_submit_wait_exits_one_when_the_job_fails(deployment: Deployment) -> Non
 
 
 def test_json_output_is_proto3_json_a_script_can_read(deployment: Deployment) -> None:
+    # The README's example labels its jobs team=infra too: list by this run's label.
+    run = f"{RUN_LABEL[0]}={RUN_ID}"
     submitted = blixctl(deployment, "submit", "--json", "--label", "team=infra", "--", "true")
     job = json.loads(submitted.stdout)
-    assert job["state"] == "JOB_STATE_PENDING" and job["spec"]["labels"] == {"team": "infra"}
+    assert job["state"] == "JOB_STATE_PENDING"
+    assert job["spec"]["labels"] == {"team": "infra", RUN_LABEL[0]: RUN_ID}
     watched = blixctl(deployment, "watch", "--json", job["jobId"])
     last = json.loads(watched.stdout.strip().splitlines()[-1])
     assert last["state"] == "JOB_STATE_SUCCEEDED" and watched.returncode == 0
-    listed = blixctl(deployment, "list", "--json", "--all", "--label", "team=infra")
+    listed = blixctl(deployment, "list", "--json", "--all", "--label", "team=infra", "--label", run)
     assert [json.loads(line)["jobId"] for line in listed.stdout.splitlines()] == [job["jobId"]]
 
 

@@ -10,6 +10,8 @@ from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as pb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
+from tests.deployment import RUN_ID, RUN_LABEL
+
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
 
@@ -25,7 +27,8 @@ def wait_for_end(stub: pb_grpc.JobServiceStub, job_id: str, timeout: float = 30.
 
 def submit(stub: pb_grpc.JobServiceStub, command: list[str], **spec: object) -> pb.Job:
     request = pb.SubmitJobRequest(
-        request_id=str(uuid.uuid4()), spec=job_spec_pb2.JobSpec(command=command, **spec)
+        request_id=f"{RUN_ID}-{uuid.uuid4()}",
+        spec=job_spec_pb2.JobSpec(command=command, labels=dict([RUN_LABEL]), **spec),
     )
     return stub.SubmitJob(request, timeout=10).job
 
@@ -93,15 +96,18 @@ def test_the_command_is_argv_not_a_shell_line(jobs_channel: grpc.Channel, tmp_pa
 
 def test_the_same_request_id_returns_the_same_job(jobs_channel: grpc.Channel) -> None:
     stub = pb_grpc.JobServiceStub(jobs_channel)
+    # A label of this test's own: the deployment may hold any number of other jobs.
+    mine = {"same-request": uuid.uuid4().hex}
     request = pb.SubmitJobRequest(
-        request_id=f"same-{uuid.uuid4()}", spec=job_spec_pb2.JobSpec(command=["true"])
+        request_id=f"{RUN_ID}-same-{uuid.uuid4()}",
+        spec=job_spec_pb2.JobSpec(command=["true"], labels=dict([RUN_LABEL], **mine)),
     )
     first = stub.SubmitJob(request, timeout=10).job
     second = stub.SubmitJob(request, timeout=10).job
     assert second.job_id == first.job_id
     wait_for_end(stub, first.job_id)
-    listed = stub.ListJobs(pb.ListJobsRequest(page_size=1000), timeout=10).jobs
-    assert sum(1 for j in listed if j.request_id == request.request_id) == 1
+    listed = stub.ListJobs(pb.ListJobsRequest(labels=mine), timeout=10).jobs
+    assert [j.job_id for j in listed] == [first.job_id]
 
 
 def test_env_and_working_directory_reach_the_process(jobs_channel: grpc.Channel) -> None:

@@ -18,13 +18,42 @@ from tests.deployment import ROOT, wait_healthy
 DEFAULT_PORTS = (50051, 50052, 50053)
 
 
-def walkthrough() -> str:
+def walkthrough(name: str = "walkthrough") -> str:
     readme = (ROOT / "README.md").read_text()
     match = re.search(
-        r"<!-- walkthrough:start -->\s*```sh\n(.*?)```\s*<!-- walkthrough:end -->", readme, re.S
+        rf"<!-- {name}:start -->\s*```sh\n(.*?)```\s*<!-- {name}:end -->", readme, re.S
     )
-    assert match, "the README lost its walk-through block"
+    assert match, f"the README lost its {name} block"
     return match.group(1)
+
+
+def shell_lines() -> list[str]:
+    """Every line of the README's ```sh blocks, comments left out."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_readme_commands_work_when_pasted() -> None:
+    lines = shell_lines()
+    assert len(lines) > 40, "the README lost its shell blocks"
+    # A bare python has no grpc: the venv's, which make creates.
+    bare = [
+        line for line in lines if re.search(r"(^|\s)python3? -m (services|tools|bench)\b", line)
+    ]
+    assert bare == [], "use .venv/bin/python"
+    # The shell expands nothing between single quotes.
+    quoted = [line for line in lines if re.search(r"'[^']*\$[A-Z_]+[^']*'", line)]
+    assert quoted == [], "a $VARIABLE inside single quotes"
+    # grpcurl leaves out 0, false and empty fields: where those are the answer, show them.
+    hidden = [
+        line
+        for line in lines
+        if "grpcurl" in line
+        and re.search(r"/(GetManagerInfo|GetStats)\b", line)
+        and "-emit-defaults" not in line
+    ]
+    assert hidden == [], "add -emit-defaults"
 
 
 def port_free(port: int) -> bool:
@@ -80,6 +109,17 @@ def test_readme_walkthrough_runs_verbatim_against_make_run(tmp_path: Path) -> No
         )
         assert result.returncode == 0, result.stderr
         out = result.stdout
+        cli = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", walkthrough("blixctl")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "hello" in cli.stdout and "not needed" in cli.stdout  # the cancel, in events
+        assert cli.stdout.strip().endswith("JOB_STATE_SUCCEEDED")  # the retry ran
         assert "blixard.jobs.v1.JobService" in out
         assert "grpc.health.v1.Health" in out
         assert '"state": "JOB_STATE_SUCCEEDED"' in out

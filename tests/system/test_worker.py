@@ -233,6 +233,23 @@ def test_sigterm_lets_a_short_job_finish_then_the_worker_exits_0(
     assert (done.worker_id, done.attempts, done.output_tail) == ("polite-worker", 1, "done\n")
 
 
+def test_sigterm_of_an_idle_worker_in_a_long_poll_drains_and_exits_at_once(
+    suite: Deployment, start_worker: WorkerStarter
+) -> None:
+    """Its claim waits up to WORKER_POLL_WAIT for work: the stop does not wait for it."""
+    worker = start_worker("idle-worker", WORKER_POLL_WAIT="20")
+    time.sleep(1)  # registered, and now in its long poll
+
+    worker.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    until(lambda: "draining" in suite.log("idle-worker"), 2, "the worker to say it drains")
+    assert time.monotonic() - signalled < 1.5
+    assert worker.wait(timeout=5) == 0
+    assert time.monotonic() - signalled < 3
+    assert "Traceback" not in suite.log("idle-worker")
+
+
 def test_sigterm_past_the_drain_grace_releases_the_job_to_another_worker(
     suite: Deployment, jobs: pb_grpc.JobServiceStub, start_worker: WorkerStarter
 ) -> None:

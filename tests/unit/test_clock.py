@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -206,3 +208,50 @@ def test_a_reading_past_the_year_9999_is_not_a_time(caplog: pytest.LogCaptureFix
     assert clock.timestamp() == 100.0
     assert clock.now() == datetime.fromtimestamp(100.0, tz=UTC)  # no ValueError
     assert len(warnings(caplog)) == 1
+
+
+def test_many_threads_on_a_well_behaved_clock_see_no_step_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The real clocks, read by 8 threads at once (each reading takes a moment, as under
+    load): no "stepped backwards by 0.000s" warning, and no thread sees time go back."""
+    caplog.set_level(logging.WARNING, LOGGER)
+
+    def slow_wall() -> float:
+        now = time.time()
+        time.sleep(0.0002)  # another thread runs between the reading and its use
+        return now
+
+    clock = Clock(wall=slow_wall, monotonic=time.monotonic)
+    seen: list[list[float]] = [[] for _ in range(8)]
+    start = threading.Barrier(len(seen))
+
+    def read(mine: list[float]) -> None:
+        start.wait()
+        for _ in range(100):
+            mine.append(clock.timestamp())
+
+    threads = [threading.Thread(target=read, args=(mine,)) for mine in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert warnings(caplog) == []
+    assert all(a <= b for mine in seen for a, b in itertools.pairwise(mine))
+
+
+def test_a_monotonic_clock_read_backwards_does_not_count_an_interval_twice() -> None:
+    """While the wall clock is behind, time goes on at half the monotonic clock's rate
+    from its mark; a monotonic reading below the mark (an injected clock, or a reading
+    from before another one) must not move the mark back, or time would run ahead."""
+    mono = Moving()
+    wall = {"now": 1000.0}
+    clock = Clock(wall=lambda: wall["now"], monotonic=mono)
+    mono.now = 10.0
+    assert clock.timestamp() == 1000.0
+    wall["now"] = 500.0  # stepped back
+    mono.now = 4.0  # read back
+    assert clock.timestamp() == 1000.0
+    mono.now = 12.0
+    assert clock.timestamp() == 1001.0  # 2 s since the mark at 10, at half speed

@@ -444,3 +444,36 @@ def test_a_redriven_dead_letter_shows_on_the_job() -> None:
     deliver(job, queue.complete(item, Outcome.SUCCEEDED, 0, b"ok", "", T0, POLICY))
     assert item.state is ItemState.SUCCEEDED
     assert job.state is JobState.SUCCEEDED, "the queue ran the redriven item; the job never knew"
+
+
+def test_after_a_retry_the_history_and_error_count_attempts_as_the_job_does() -> None:
+    """The queue counts a new generation's attempts from 1; the job has made one already."""
+    job = make_job(JobState.QUEUED, generation=2, attempts=1, attempts_base=1)
+    running = domain.apply_update(
+        job,
+        update(job, JobState.RUNNING, 1, attempt=1, worker_id="w-1", reason="attempt 1 leased"),
+    )
+    assert running is not None and running.reason == "attempt 2 leased"
+    assert job.attempts == 2
+    failed = domain.apply_update(
+        job,
+        update(
+            job,
+            JobState.FAILED,
+            2,
+            attempt=1,
+            worker_id="w-1",
+            actor="queue",
+            error="the lease of attempt 1 expired",
+            reason="attempt 1 failed, none left; dead-lettered",
+        ),
+    )
+    assert failed is not None
+    assert (failed.actor, failed.reason) == ("queue", "attempt 2 failed, none left; dead-lettered")
+    assert job.error == "the lease of attempt 2 expired"
+
+
+def test_a_report_that_names_no_actor_is_its_workers_or_the_queues() -> None:
+    job = make_job(JobState.QUEUED)
+    event = domain.apply_update(job, update(job, JobState.RUNNING, 1, attempt=1, worker_id="w-1"))
+    assert event is not None and event.actor == "worker:w-1"

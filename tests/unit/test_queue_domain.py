@@ -112,7 +112,7 @@ def test_failed_attempt_waits_for_a_retry_in_the_future() -> None:
     assert T0 + timedelta(seconds=0.5) <= item.run_at <= T0 + timedelta(seconds=1.0)
     assert (report.job_state, report.attempt, report.exit_code) == ("QUEUED", 1, 2)
     assert report.error == "exited with 2"
-    assert "attempt 1 of 3 failed" in report.reason
+    assert "attempt 1 failed; 2 left, retry in" in report.reason
 
 
 def test_dead_letter_past_max_attempts() -> None:
@@ -125,7 +125,7 @@ def test_dead_letter_past_max_attempts() -> None:
     assert states == [(1, "QUEUED"), (2, "QUEUED"), (3, "FAILED")]
     assert item.state is ItemState.DEAD_LETTERED
     assert item.error == "failure 3"
-    assert "attempt 3 of 3 failed; dead-lettered" in report.reason
+    assert "attempt 3 failed, none left; dead-lettered" in report.reason
 
 
 def test_complete_with_success() -> None:
@@ -434,3 +434,14 @@ def test_the_store_writes_every_transition_field_in_its_place() -> None:
     expected = {name: getattr(item, name) for name in TRANSITION_FIELDS}
     expected["state"] = item.state.value
     assert written == expected
+
+
+def test_each_report_names_who_caused_it() -> None:
+    item = make_item(max_attempts=1)
+    assert domain.enqueued(item, T0).actor == "queue"
+    assert domain.lease(item, "w-1", 30.0, T0).actor == "worker:w-1"
+    assert domain.expire(item, T0, POLICY, "the lease expired").actor == "queue"
+    assert domain.redrive(item, T0).actor == "operator"  # not the last worker, w-1
+    domain.lease(item, "w-2", 30.0, T0)
+    failed = domain.complete(item, Outcome.FAILED, 1, "", "", T0, POLICY)
+    assert failed.actor == "worker:w-2"

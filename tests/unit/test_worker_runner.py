@@ -43,6 +43,9 @@ class FakeQueue:
             taken, self.waiting = self.waiting[:max_items], self.waiting[max_items:]
         return taken
 
+    def interrupt(self) -> None:
+        pass
+
     def heartbeat(self, token: str) -> bool:
         with self.lock:
             self.heartbeats += 1
