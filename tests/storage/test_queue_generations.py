@@ -53,7 +53,7 @@ def test_a_cancel_of_a_generation_not_yet_enqueued_replaces_the_ended_old_one(
 ) -> None:
     manager.enqueue(new("j-1"))
     [lease] = manager.claim("w-1", "process", {}, 1, 30)
-    manager.complete(lease.token, Outcome.FAILED, 1, "", "boom")  # attempts left: waits
+    manager.complete(lease.token, Outcome.FAILED, 1, b"", "boom")  # attempts left: waits
     manager.cancel("j-1", 1)
     manager.cancel("j-1", 2)  # generation 2's cancel overtook its enqueue
 
@@ -88,7 +88,7 @@ def test_a_new_generation_waits_for_the_old_lease_to_be_completed(
     assert manager.heartbeat(old.token, None).cancel_requested
     manager.enqueue(new("j-1", generation=2))  # a redelivery holds nothing twice
 
-    manager.complete(old.token, Outcome.CANCELLED, None, "", "killed")
+    manager.complete(old.token, Outcome.CANCELLED, None, b"", "killed")
 
     [lease] = manager.claim("w-2", "process", {}, 10, 30)
     assert (lease.item.job_id, lease.item.generation) == ("j-1", 2)
@@ -141,7 +141,7 @@ def test_a_held_generation_cancelled_before_the_old_lease_ends_never_runs(
     manager.enqueue(new("j-1", generation=2))
     manager.cancel("j-1", 2)  # cancelled again before generation 1 stopped
 
-    manager.complete(old.token, Outcome.CANCELLED, None, "", "")
+    manager.complete(old.token, Outcome.CANCELLED, None, b"", "")
 
     assert claimed(manager) == []
     item = manager.get("j-1")
@@ -160,7 +160,7 @@ def test_a_retry_of_a_job_still_leased_asks_the_old_execution_to_stop(
 
     assert manager.heartbeat(old.token, None).cancel_requested
     assert claimed(manager) == []
-    manager.complete(old.token, Outcome.SUCCEEDED, 0, "", "")
+    manager.complete(old.token, Outcome.SUCCEEDED, 0, b"", "")
     assert claimed(manager) == ["j-1"]
 
 

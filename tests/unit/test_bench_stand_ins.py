@@ -31,4 +31,4 @@ def test_a_stand_in_that_no_longer_fits_stops_the_bench_naming_what_is_wrong() -
     message = str(stopped.value)
     assert "Stale no longer fits services.jobs.relay.QueuePort" in message
     assert "enqueue_many() is missing" in message
-    assert "cancel(job_id) should take (job_id, generation)" in message
+    assert "cancel(job_id) should take (job_id, generation, timeout)" in message
