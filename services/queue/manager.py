@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from services.common.clock import Clock
 from services.common.combiner import Combiner
-from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound
+from services.common.db import is_conflict, refused_item
+from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound, first_line
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -24,7 +27,12 @@ from services.queue.domain import (
     Worker,
     WorkerState,
 )
-from services.queue.store import QueueStore, Transaction
+from services.queue.store import (
+    QueueStore,
+    Transaction,
+    check_item,
+    check_transition,
+)
 from services.queue.timers import Timers
 from services.queue.waiters import Waiters, kind_of
 
@@ -143,6 +151,18 @@ class QueueManager:
                 if attempt == attempts - 1:
                     raise
                 continue
+            except DBAPIError as exc:
+                self.refresh([*job_ids, *written])
+                if not is_conflict(exc):
+                    raise
+                # A deadlock or serialization failure: a lost race, run again.
+                if attempt == attempts - 1:
+                    raise Aborted(
+                        "the change lost a race with a concurrent one; try again",
+                        reason="CONCURRENT_CHANGE",
+                    ) from exc
+                log.info("a queue transaction lost a race (%s); retrying", first_line(exc))
+                continue
             except BaseException:
                 self.refresh([*job_ids, *written])
                 raise
@@ -180,60 +200,113 @@ class QueueManager:
     # ---- enqueue ----------------------------------------------------------------------
 
     def enqueue(self, new: NewItem) -> tuple[Item, bool]:
-        return self.enqueue_many([new])[0]
+        result = self.enqueue_many([new])[0]
+        if isinstance(result, BlixardError):
+            raise result
+        return result
 
-    def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool]]:
+    def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool] | BlixardError]:
         """Enqueue in one transaction, idempotent by (job id, generation): an item already
-        there at this generation or a newer one is returned as it is (created False)."""
+        there at this generation or a newer one is returned as it is (created False), also
+        when a concurrent enqueue of the same item (another relay) committed it first.
+        Each item succeeds or fails on its own: one its columns cannot hold gets its own
+        INVALID_ARGUMENT, and the rest are enqueued."""
 
         now = self.clock.now()
 
-        def work(tx: Transaction) -> list[tuple[Item, bool]]:
-            seq = self._next_seqs(len(news))
-            existing = tx.get_many([new.job_id for new in news])
-            results: list[tuple[Item, bool]] = []
-            inserts: list[Item] = []
-            replaces: list[tuple[Item, int]] = []
-            reports = []
-            for offset, new in enumerate(news):
-                old = existing.get(new.job_id)
-                if old is not None and old.generation >= new.generation:
-                    results.append((old, False))
-                    continue
-                item = Item(
-                    job_id=new.job_id,
-                    generation=new.generation,
-                    spec=new.spec,
-                    state=ItemState.WAITING,
-                    priority=new.priority,
-                    run_at=new.run_at or now,
-                    seq=seq + offset,
-                    max_attempts=new.max_attempts or self.policy.default_max_attempts,
-                    created_at=now,
-                    updated_at=now,
-                    worker_types=new.worker_types,
-                    labels=dict(new.labels),
-                    trace_context=dict(new.trace_context),
-                )
-                reports.append(domain.enqueued(item, now))
-                if old is None:
-                    inserts.append(item)
-                else:  # a new generation (RetryJob) replaces the old item; its lease is stale
-                    replaces.append((item, old.version))
-                existing[new.job_id] = item
-                results.append((item, True))
-            tx.insert_many(inserts)
-            tx.replace_many(replaces)
-            tx.report_many(reports)
-            return results
+        def run(isolate: bool) -> list[tuple[Item, bool] | BlixardError]:
+            return self._write(
+                lambda tx: self._enqueue_work(tx, news, now, isolate),
+                lambda rs: [r[0] for r in rs if isinstance(r, tuple) and r[1]],
+                [n.job_id for n in news],
+            )
 
-        results = self._write(
-            work, lambda rs: [item for item, created in rs if created], [n.job_id for n in news]
-        )
+        try:
+            results = run(isolate=False)
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = run(isolate=True)  # a savepoint per item: the one refused fails alone
         # Due "now" means due from now on, even if the clock is stepped back later.
         self.cache.advance(now.timestamp())
-        self._announce([item for item, created in results if created])
+        self._announce([r[0] for r in results if isinstance(r, tuple) and r[1]])
         return results
+
+    def _enqueue_work(
+        self, tx: Transaction, news: list[NewItem], now: datetime, isolate: bool
+    ) -> list[tuple[Item, bool] | BlixardError]:
+        seq = self._next_seqs(len(news))
+        existing = tx.get_many([new.job_id for new in news])
+        results: list[tuple[Item, bool] | BlixardError] = []
+        planned: list[tuple[int, Item, Item | None]] = []  # (position, item, the one it replaces)
+        for offset, new in enumerate(news):
+            old = existing.get(new.job_id)
+            if old is not None and old.generation >= new.generation:
+                results.append((old, False))
+                continue
+            item = Item(
+                job_id=new.job_id,
+                generation=new.generation,
+                spec=new.spec,
+                state=ItemState.WAITING,
+                priority=new.priority,
+                run_at=new.run_at or now,
+                seq=seq + offset,
+                max_attempts=new.max_attempts or self.policy.default_max_attempts,
+                created_at=now,
+                updated_at=now,
+                worker_types=new.worker_types,
+                labels=dict(new.labels),
+                trace_context=dict(new.trace_context),
+            )
+            try:
+                check_item(item)
+            except BlixardError as exc:
+                results.append(exc)
+                continue
+            existing[new.job_id] = item
+            planned.append((offset, item, old))
+            results.append((item, True))
+        if not isolate:
+            self._write_enqueues(tx, planned, now, results)
+            return results
+        for one in planned:
+            try:
+                with tx.savepoint():
+                    self._write_enqueues(tx, [one], now, results)
+            except DBAPIError as exc:
+                refused = refused_item(exc)
+                if refused is None:
+                    raise
+                results[one[0]] = refused
+        return results
+
+    def _write_enqueues(
+        self,
+        tx: Transaction,
+        planned: list[tuple[int, Item, Item | None]],
+        now: datetime,
+        results: list[tuple[Item, bool] | BlixardError],
+    ) -> None:
+        inserted = tx.insert_new([item for _, item, old in planned if old is None])
+        raced = [item.job_id for _, item, old in planned if old is None]
+        raced = [job_id for job_id in raced if job_id not in inserted]
+        # Taken by a concurrent enqueue that committed first: theirs, read back locked.
+        winners = tx.get_many(raced) if raced else {}
+        replaces: list[tuple[Item, int]] = []
+        reports = []
+        for position, item, old in planned:
+            if old is None and item.job_id not in inserted:
+                winner = winners.get(item.job_id)
+                if winner is None or winner.generation < item.generation:
+                    raise Aborted(f"item {item.job_id} was enqueued concurrently")  # run again
+                results[position] = (winner, False)
+                continue
+            if old is not None:  # a new generation (RetryJob) replaces the old; its lease is stale
+                replaces.append((item, old.version))
+            reports.append(domain.enqueued(item, now))
+        tx.replace_many(replaces)
+        tx.report_many(reports)
 
     def _announce(self, items: list[Item]) -> None:
         """Wake the long polls that may take one of these items, if it can be claimed now."""
@@ -320,7 +393,12 @@ class QueueManager:
         than answer empty while items wait. Claims made at the same time share one store
         transaction (group commit)."""
         for _ in range(8):
-            leases, conflicted = self._claims.submit(args)
+            try:
+                leases, conflicted = self._claims.submit(args)
+            except DBAPIError as exc:
+                if not is_conflict(exc):
+                    raise
+                continue  # a lost race (nothing was leased): look again
             if leases or not conflicted:
                 return leases
         return []
@@ -529,7 +607,11 @@ class QueueManager:
         return split
 
     def _complete_all(self, completions: list[Completion]) -> list[Item | BlixardError]:
-        def work(tx: Transaction) -> list[Item | BlixardError]:
+        """Each completion is written or fails on its own: a stale token, a value its
+        column cannot hold (checked first), or a write the database refuses (the batch is
+        then run again with a savepoint per completion) fails alone; the rest commit."""
+
+        def work(tx: Transaction, isolate: bool) -> list[Item | BlixardError]:
             now = self.clock.now()
             held = tx.by_tokens([c.token for c in completions])
             results: list[Item | BlixardError] = []
@@ -538,22 +620,42 @@ class QueueManager:
             for c in completions:
                 try:
                     item = domain.check_holder(held.pop(c.token, None), c.token)
-                except BlixardError as exc:
-                    results.append(exc)
-                    continue
-                changes.append((item, item.version))
-                reports.append(
-                    domain.complete(
+                    version = item.version
+                    report = domain.complete(
                         item, c.outcome, c.exit_code, c.output_tail, c.error, now, self.policy
                     )
-                )
+                    check_transition(item)
+                    if isolate:
+                        with tx.savepoint():
+                            tx.save_many([(item, version)])
+                            tx.report_many([report])
+                except (BlixardError, DBAPIError) as exc:
+                    refused = exc if isinstance(exc, BlixardError) else refused_item(exc)
+                    if refused is None or isinstance(refused, Aborted):
+                        raise
+                    results.append(refused)
+                    continue
+                if not isolate:
+                    changes.append((item, version))
+                    reports.append(report)
                 results.append(item)
             tx.save_many(changes)
             tx.report_many(reports)
             return results
 
-        results = self._write(work, lambda rs: [r for r in rs if isinstance(r, Item)], [])
-        self._leases.forget([c.token for c in completions])
+        def run(isolate: bool) -> list[Item | BlixardError]:
+            return self._write(
+                lambda tx: work(tx, isolate), lambda rs: [r for r in rs if isinstance(r, Item)], []
+            )
+
+        try:
+            results = run(isolate=False)
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = run(isolate=True)
+        done = [c.token for c, r in zip(completions, results, strict=True) if isinstance(r, Item)]
+        self._leases.forget(done)
         self._announce([r for r in results if isinstance(r, Item)])  # retries due at once
         return results
 
@@ -691,37 +793,39 @@ class QueueManager:
                 for token, deadline, seconds in tx.overdue(now)
                 if self._leases.ran_out(token, deadline, seconds)
             ][:batch]
-            held = tx.by_tokens(ran_out) if ran_out else {}
-            for token in ran_out:
-                item = held.get(token)
-                if item is None or not (
-                    item.lease_deadline is not None
+            cutoff = now - timedelta(seconds=self.worker_timeout)
+            silent = [
+                worker.worker_id
+                for worker in tx.silent_workers(cutoff, lock=False)
+                if self._workers.ran_out(worker.worker_id, worker.last_seen, self.worker_timeout)
+            ]
+            # One lock order for every transaction, as a heartbeat takes them: the items
+            # (in job_id order), then the workers (in worker_id order), then checked again.
+            held = tx.lock_leases(ran_out, silent)
+            offline = {w.worker_id: w for w in tx.silent_workers(cutoff, among=silent)}
+            expiring = set(ran_out)
+            for item in held:
+                token = item.lease_token or ""
+                if item.worker_id in offline:
+                    why = f"worker {item.worker_id} went offline"
+                elif (
+                    token in expiring
+                    and item.lease_deadline is not None
                     and item.lease_deadline < now
                     and self._leases.ran_out(token, item.lease_deadline, item.lease_seconds)
                 ):
+                    why = f"the lease of attempt {item.attempt} expired"
+                else:
                     continue
                 ended.append(token)
                 version = item.version
-                why = f"the lease of attempt {item.attempt} expired"
                 tx.report(domain.expire(item, now, self.policy, why))
                 tx.save(item, version)
                 reaped.append(item)
-            cutoff = now - timedelta(seconds=self.worker_timeout)
-            for worker in tx.silent_workers(cutoff):
-                if not self._workers.ran_out(
-                    worker.worker_id, worker.last_seen, self.worker_timeout
-                ):
-                    continue
+            for worker in offline.values():
                 self._seen_workers.pop(worker.worker_id, None)
                 worker.state = WorkerState.OFFLINE
                 tx.put_worker(worker)
-                for item in tx.leased_by(worker.worker_id):
-                    ended.append(item.lease_token or "")
-                    version = item.version
-                    why = f"worker {worker.worker_id} went offline"
-                    tx.report(domain.expire(item, now, self.policy, why))
-                    tx.save(item, version)
-                    reaped.append(item)
             return reaped
 
         reaped = self._write(work, lambda items: items, [])
