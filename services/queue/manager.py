@@ -394,18 +394,23 @@ class QueueManager:
         transaction (group commit)."""
         for _ in range(8):
             try:
-                leases, conflicted = self._claims.submit(args)
+                result = self._claims.submit(args)
             except DBAPIError as exc:
                 if not is_conflict(exc):
                     raise
                 continue  # a lost race (nothing was leased): look again
+            if isinstance(result, BlixardError):
+                raise result
+            leases, conflicted = result
             if leases or not conflicted:
                 return leases
         return []
 
-    def _claim_batch(self, claims: list[_ClaimArgs]) -> list[tuple[list[Lease], bool]]:
+    def _claim_batch(
+        self, claims: list[_ClaimArgs]
+    ) -> list[tuple[list[Lease], bool] | BlixardError]:
         """For each claim: (its leases, whether some items offered to it had been taken
-        elsewhere)."""
+        elsewhere), or why the database refused its write (that claim alone)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
         # The store is read at most once per batch and worker type, for the most any of
@@ -458,26 +463,59 @@ class QueueManager:
             return [([], False) for _ in claims]
         leased: dict[str, Item] = {}
         refused: set[str] = set()
-        try:
+        failed: dict[int, BlixardError] = {}  # by claim: a write the database refused
+
+        def write(isolate: bool) -> None:
+            leased.clear()
+            failed.clear()
             with self.store.transaction() as tx:
                 # A drain made through another replica: this one's memory of the worker
                 # may be older, the store's is not.
-                refused = tx.drained_workers(sorted({c.worker_id for c in claims}))
+                refused.clear()
+                refused.update(tx.drained_workers(sorted({c.worker_id for c in claims})))
                 current = tx.get_many([entry.job_id for entry in every])
                 changes: list[tuple[Item, int]] = []
                 reports = []
-                for c, staged in zip(claims, staged_by_claim, strict=True):
+                for n, (c, staged) in enumerate(zip(claims, staged_by_claim, strict=True)):
                     if c.worker_id in refused:
                         continue
+                    mine: dict[str, Item] = {}
+                    my_changes: list[tuple[Item, int]] = []
+                    my_reports = []
                     for entry in staged:
                         item = current.get(entry.job_id)
                         if item is None or item.version != entry.version:
                             continue  # changed elsewhere: a conflict, repaired below
-                        changes.append((item, item.version))
-                        reports.append(domain.lease(item, c.worker_id, c.lease_seconds, now))
-                        leased[entry.job_id] = item
-                tx.save_many(changes)
-                tx.report_many(reports)
+                        my_changes.append((item, item.version))
+                        my_reports.append(domain.lease(item, c.worker_id, c.lease_seconds, now))
+                        mine[entry.job_id] = item
+                    if isolate and my_changes:
+                        # Each claim in its own savepoint: one the database refuses fails
+                        # alone, its items go back.
+                        try:
+                            with tx.savepoint():
+                                tx.save_many(my_changes)
+                                tx.report_many(my_reports)
+                        except DBAPIError as exc:
+                            problem = refused_item(exc)
+                            if problem is None:
+                                raise
+                            failed[n] = problem
+                            continue
+                    changes.extend(my_changes)
+                    reports.extend(my_reports)
+                    leased.update(mine)
+                if not isolate:
+                    tx.save_many(changes)
+                    tx.report_many(reports)
+
+        try:
+            try:
+                write(isolate=False)
+            except DBAPIError as exc:
+                if refused_item(exc) is None:
+                    raise
+                write(isolate=True)
         except BaseException:
             for entry in every:
                 self.cache.rollback(entry)
@@ -500,8 +538,11 @@ class QueueManager:
         for worker_id in refused:
             self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
         self._put_back(put_back)
-        results: list[tuple[list[Lease], bool]] = []
-        for c, staged in zip(claims, staged_by_claim, strict=True):
+        results: list[tuple[list[Lease], bool] | BlixardError] = []
+        for n, (c, staged) in enumerate(zip(claims, staged_by_claim, strict=True)):
+            if n in failed:
+                results.append(failed[n])
+                continue
             if c.worker_id in refused:
                 results.append(([], False))
                 continue

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from services.common.errors import BlixardError, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.queue.domain import ItemState, Outcome
 from services.queue.manager import Completion, QueueManager
 from tests.storage.queue_support import make_manager, new
@@ -204,7 +204,7 @@ def test_a_bad_completion_in_a_group_commit_fails_only_its_caller(manager: Queue
         code = 2**31 if n == 5 else 0  # an exit code out of its column's range
         try:
             answers[n] = manager.complete(token, Outcome.SUCCEEDED, code, "", "")
-        except BlixardError as exc:
+        except Exception as exc:
             answers[n] = exc
 
     threads = [threading.Thread(target=complete, args=(n, t)) for n, t in enumerate(tokens)]
@@ -219,10 +219,55 @@ def test_a_bad_completion_in_a_group_commit_fails_only_its_caller(manager: Queue
         thread.join()
     assert batches == [1, 11]  # the eleven shared one transaction
     assert isinstance(answers[5], InvalidArgument)
-    assert all(not isinstance(a, BlixardError) for n, a in answers.items() if n != 5)
+    assert all(not isinstance(a, Exception) for n, a in answers.items() if n != 5)
     states = [manager.get(f"j-{n:02d}").state for n in range(12)]
     assert states.count(ItemState.SUCCEEDED) == 11
     assert states[5] is ItemState.LEASED
+
+
+def test_a_claim_the_database_refuses_fails_alone_in_its_group_commit(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Claims made at the same time share one transaction: one whose write the database
+    refuses gets its own error, the other claims their leases, its items stay claimable."""
+    manager = make_manager(postgres_cluster.new_database())
+    manager.enqueue_many([new(f"j-{n:02d}") for n in range(6)])
+    refuse_on_postgres(manager, "UPDATE", "NEW.worker_id = 'w-poison'")
+    entered, release = threading.Event(), threading.Event()
+    inner = manager._claims._run_batch
+    batches: list[int] = []
+
+    def gathered(claims):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)  # the first leader waits, so the others gather into one batch
+        batches.append(len(claims))
+        return inner(claims)
+
+    manager._claims._run_batch = gathered
+    answers: dict[str, object] = {}
+
+    def claim(worker_id: str) -> None:
+        try:
+            answers[worker_id] = manager.claim(worker_id, "process", {}, 1, 30)
+        except Exception as exc:
+            answers[worker_id] = exc
+
+    workers = ["w-first", "w-a", "w-poison", "w-b"]
+    threads = {w: threading.Thread(target=claim, args=(w,)) for w in workers}
+    threads["w-first"].start()
+    assert entered.wait(10)
+    for w in workers[1:]:
+        threads[w].start()
+    while len(manager._claims._waiting) < 3:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads.values():
+        thread.join()
+    assert batches == [1, 3]
+    assert isinstance(answers["w-poison"], InvalidArgument)
+    for w in ("w-first", "w-a", "w-b"):
+        assert len(answers[w]) == 1, answers[w]  # type: ignore[arg-type]
+    leased = {lease.item.job_id for lease in manager.claim("w-c", "process", {}, 10, 30)}
+    assert len(leased) == 3  # the refused claim's item went back, claimable
+    assert manager.reconcile() == 0
 
 
 def test_reaper_and_heartbeats_never_deadlock(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
