@@ -23,6 +23,7 @@ from services.queue.domain import (
     Item,
     ItemState,
     Outcome,
+    Report,
     RetryPolicy,
     Worker,
     WorkerState,
@@ -238,7 +239,8 @@ class QueueManager:
         seq = self._next_seqs(len(news))
         existing = tx.get_many([new.job_id for new in news])
         results: list[tuple[Item, bool] | BlixardError] = []
-        planned: list[tuple[int, Item, Item | None]] = []  # (position, item, the one it replaces)
+        # (position, item, the one it replaces, its report)
+        planned: list[tuple[int, Item, Item | None, Report]] = []
         for offset, new in enumerate(news):
             old = existing.get(new.job_id)
             if old is not None and old.generation >= new.generation:
@@ -259,21 +261,22 @@ class QueueManager:
                 labels=dict(new.labels),
                 trace_context=dict(new.trace_context),
             )
+            report = domain.enqueued(item, now)  # before the item is written: its report_seq
             try:
                 check_item(item)
             except BlixardError as exc:
                 results.append(exc)
                 continue
             existing[new.job_id] = item
-            planned.append((offset, item, old))
+            planned.append((offset, item, old, report))
             results.append((item, True))
         if not isolate:
-            self._write_enqueues(tx, planned, now, results)
+            self._write_enqueues(tx, planned, results)
             return results
         for one in planned:
             try:
                 with tx.savepoint():
-                    self._write_enqueues(tx, [one], now, results)
+                    self._write_enqueues(tx, [one], results)
             except DBAPIError as exc:
                 refused = refused_item(exc)
                 if refused is None:
@@ -284,18 +287,17 @@ class QueueManager:
     def _write_enqueues(
         self,
         tx: Transaction,
-        planned: list[tuple[int, Item, Item | None]],
-        now: datetime,
+        planned: list[tuple[int, Item, Item | None, Report]],
         results: list[tuple[Item, bool] | BlixardError],
     ) -> None:
-        inserted = tx.insert_new([item for _, item, old in planned if old is None])
-        raced = [item.job_id for _, item, old in planned if old is None]
+        inserted = tx.insert_new([item for _, item, old, _ in planned if old is None])
+        raced = [item.job_id for _, item, old, _ in planned if old is None]
         raced = [job_id for job_id in raced if job_id not in inserted]
         # Taken by a concurrent enqueue that committed first: theirs, read back locked.
         winners = tx.get_many(raced) if raced else {}
         replaces: list[tuple[Item, int]] = []
         reports = []
-        for position, item, old in planned:
+        for position, item, old, report in planned:
             if old is None and item.job_id not in inserted:
                 winner = winners.get(item.job_id)
                 if winner is None or winner.generation < item.generation:
@@ -304,7 +306,7 @@ class QueueManager:
                 continue
             if old is not None:  # a new generation (RetryJob) replaces the old; its lease is stale
                 replaces.append((item, old.version))
-            reports.append(domain.enqueued(item, now))
+            reports.append(report)
         tx.replace_many(replaces)
         tx.report_many(reports)
 

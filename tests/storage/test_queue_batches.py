@@ -84,6 +84,12 @@ def test_one_bad_enqueue_fails_alone(manager: QueueManager, poison: dict[str, ob
         "a",
         "c",
     }
+    # Each report of an item follows the one before it (the jobs service drops a late one).
+    due = manager.store.outbox.due(datetime.now(UTC) + timedelta(days=1), 1000)
+    assert [(m.payload["job_state"], m.payload["sequence"]) for m in due if m.key == "a"] == [
+        ("QUEUED", 1),
+        ("RUNNING", 2),
+    ]
 
 
 def test_an_enqueue_the_database_refuses_fails_alone(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
