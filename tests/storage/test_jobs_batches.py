@@ -51,23 +51,25 @@ def jobs(manager: JobManager, count: int) -> list[str]:
     "poison",
     [
         {"worker_id": "w" * 300},  # longer than its column
-        {"error": "bad\x00byte"},  # PostgreSQL stores no NUL in text
-        {"reason": "bad\x00byte"},  # the event's column
+        {"worker_id": "w-\x00"},  # PostgreSQL stores no NUL in text
+        {"attempt": 2**31},  # the job's attempt count out of its column's range
     ],
-    ids=["long-worker-id", "nul-in-error", "nul-in-reason"],
+    ids=["long-worker-id", "nul-in-worker-id", "attempt-out-of-range"],
 )
 def test_one_bad_report_fails_alone(manager: JobManager, poison: dict[str, str]) -> None:
     first, bad, last = jobs(manager, 3)
     results = manager.update_status_many(
         [
             update(first, 1, JobState.RUNNING, worker_id="w-1"),
-            update(bad, 1, JobState.FAILED, **poison),
+            update(bad, 1, JobState.RUNNING, **poison),
             update(last, 1, JobState.RUNNING, worker_id="w-1"),
         ]
     )
     assert results[0] is True and results[2] is True
     assert isinstance(results[1], InvalidArgument)
-    assert next(iter(poison)) in results[1].message
+    assert {"worker_id": "worker_id", "attempt": "attempts"}[next(iter(poison))] in (
+        results[1].message
+    )
     assert manager.get(first).state is JobState.RUNNING
     assert manager.get(last).state is JobState.RUNNING
     refused = manager.get(bad)
@@ -84,7 +86,7 @@ def test_a_write_the_database_refuses_fails_alone(pg_manager: JobManager) -> Non
         connection.execute(
             text(
                 "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
-                "IF NEW.error = 'poison' THEN RAISE EXCEPTION 'poison refused' "
+                "IF NEW.exit_code = 77 THEN RAISE EXCEPTION 'poison refused' "
                 "USING ERRCODE = '22023'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
             )
         )
@@ -96,10 +98,10 @@ def test_a_write_the_database_refuses_fails_alone(pg_manager: JobManager) -> Non
         )
     results = pg_manager.update_status_many(
         [
-            update(first, 1, JobState.FAILED, error="fine"),
-            update(bad, 1, JobState.FAILED, error="poison"),
+            update(first, 1, JobState.FAILED, exit_code=1),
+            update(bad, 1, JobState.FAILED, exit_code=77),
             update(bad, 2, JobState.QUEUED),  # the same job's next report still applies
-            update(last, 1, JobState.FAILED, error="fine"),
+            update(last, 1, JobState.FAILED, exit_code=1),
         ]
     )
     assert results[0] is True and results[2] is True and results[3] is True

@@ -171,11 +171,11 @@ def test_one_bad_completion_fails_alone(manager: QueueManager) -> None:
 def test_a_completion_the_database_refuses_fails_alone(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
     manager = make_manager(postgres_cluster.new_database())
     first, bad, last = claimed(manager, 3)
-    refuse_on_postgres(manager, "UPDATE", "NEW.error = 'poison'")
+    refuse_on_postgres(manager, "UPDATE", "NEW.exit_code = 77")
     results = manager.complete_many(
         [
             Completion(first, Outcome.SUCCEEDED, 0),
-            Completion(bad, Outcome.FAILED, 1, error="poison"),
+            Completion(bad, Outcome.FAILED, 77),
             Completion(last, Outcome.SUCCEEDED, 0),
         ]
     )
