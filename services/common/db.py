@@ -29,7 +29,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from services.common.errors import Aborted, InvalidArgument, first_line, store_problem
 from services.common.startup import StartupError
@@ -242,9 +242,10 @@ def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
 
 def refused_item(exc: BaseException) -> InvalidArgument | None:
     """When the database refused a statement for the data it carried (a value out of a
-    column's range, a byte it cannot store, a constraint), the error for the one item
-    that carried it; None for an outage, a lost race or anything that is not the data's."""
-    if not isinstance(exc, DBAPIError) or store_problem(exc) is not None or is_conflict(exc):
+    column's range, a byte it cannot store, a constraint: DataError, IntegrityError), the
+    error for the one item that carried it; None for an outage, a lost race, a bug in a
+    statement or anything else that is not the data's."""
+    if not isinstance(exc, (DataError, IntegrityError)) or store_problem(exc) is not None:
         return None
     cause = first_line(exc.orig if exc.orig is not None else exc)
     return InvalidArgument(f"the database refused this item: {cause[:200]}", reason="VALUE_REFUSED")
