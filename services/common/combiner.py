@@ -42,7 +42,10 @@ class Combiner(Generic[Request, Result]):
         max_batch: int = 64,
     ) -> None:
         """``run_batch`` gets the requests of a batch and returns one result for each, in
-        order; if it raises, every request of that batch raises the same exception."""
+        order; if it raises, every request of that batch raises the same exception. So a
+        request that fails on its own (a stale token, a value the store refuses) must come
+        back as its own result (an error object), never raised: one bad request must not
+        cost the others sharing its batch their work; raise only for what fails them all."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._run_batch = run_batch

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import random
 import re
 import threading
+import time
 import weakref
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     DateTime,
     Dialect,
     Engine,
+    Integer,
     LargeBinary,
+    SmallInteger,
+    String,
     Table,
     TypeDecorator,
     create_engine,
@@ -24,9 +32,13 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
+from services.common.errors import Aborted, InvalidArgument, first_line, store_problem
 from services.common.startup import StartupError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def redact(url: str) -> str:
@@ -223,3 +235,93 @@ def _sqlite_datetime(value: datetime) -> str:
     if value.tzinfo is not UTC and value.tzinfo is not None:
         value = value.astimezone(UTC)
     return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+
+
+# ---- one bad item fails alone; a lost race is retried ------------------------------------
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction lost a race
+# and was rolled back whole; run again, it succeeds.
+_CONFLICTS = frozenset({"40P01", "40001"})
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure: a lost race, not an outage."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _CONFLICTS
+
+
+def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
+    """Run ``work`` (one whole transaction), again after a short random pause when the
+    database rolled it back for a deadlock or a serialization failure; after ``attempts``
+    such losses, Aborted (ABORTED: try again), never "the database is unavailable"."""
+    for attempt in range(attempts):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not is_conflict(exc):
+                raise
+            if attempt == attempts - 1:
+                raise Aborted(
+                    "the change lost a race with a concurrent one (a deadlock or serialization "
+                    "failure) several times; try again",
+                    reason="CONCURRENT_CHANGE",
+                ) from exc
+            log.info("a transaction lost a race (%s); retrying", first_line(exc))
+            time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def refused_item(exc: BaseException) -> InvalidArgument | None:
+    """When the database refused a statement for the data it carried (a value out of a
+    column's range, a byte it cannot store, a constraint: DataError, IntegrityError), the
+    error for the one item that carried it; None for an outage, a lost race, a bug in a
+    statement or anything else that is not the data's."""
+    if not isinstance(exc, (DataError, IntegrityError)) or store_problem(exc) is not None:
+        return None
+    cause = first_line(exc.orig if exc.orig is not None else exc)
+    return InvalidArgument(f"the database refused this item: {cause[:200]}", reason="VALUE_REFUSED")
+
+
+_INT_RANGES: dict[type, int] = {SmallInteger: 2**15, Integer: 2**31, BigInteger: 2**63}
+
+
+class ColumnLimits:
+    """What a table's columns would refuse, checked in Python before a write, so one bad
+    item of a batch gets its own INVALID_ARGUMENT instead of failing the statement of all:
+    text longer than its column or holding NUL (PostgreSQL stores no NUL in text), an
+    integer out of its column's range. The same on SQLite, which would store them."""
+
+    def __init__(self, table: Table) -> None:
+        self._text: dict[str, int | None] = {}
+        self._ints: dict[str, int] = {}
+        for column in table.c:
+            kind = column.type
+            if isinstance(kind, String):
+                self._text[column.name] = kind.length
+            elif type(kind) in _INT_RANGES:
+                self._ints[column.name] = _INT_RANGES[type(kind)]
+
+    def problems(self, values: Mapping[str, object]) -> list[tuple[str, str]]:
+        found = []
+        for name, value in values.items():
+            if isinstance(value, str):
+                if name not in self._text:
+                    continue
+                length = self._text[name]
+                if length is not None and len(value) > length:
+                    found.append((name, f"at most {length} characters"))
+                if "\x00" in value:
+                    found.append((name, "must not contain NUL (\\x00)"))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                bound = self._ints.get(name)
+                if bound is not None and not -bound <= value < bound:
+                    found.append((name, f"out of range (a {bound.bit_length()}-bit integer)"))
+        return found
+
+    def check(self, values: Mapping[str, object], what: str) -> None:
+        """Raise InvalidArgument naming every column ``values`` would not fit."""
+        found = self.problems(values)
+        if found:
+            summary = "; ".join(f"{name}: {why}" for name, why in found)
+            raise InvalidArgument(
+                f"{what} cannot be stored: {summary}", reason="VALUE_REFUSED", violations=found
+            )

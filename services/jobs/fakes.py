@@ -11,7 +11,7 @@ import copy
 import itertools
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -26,7 +26,7 @@ from services.jobs.domain import (
     OutputRead,
     SpecIndex,
 )
-from services.jobs.store import DuplicateRequest
+from services.jobs.store import DuplicateRequest, check_fits
 
 
 @dataclass
@@ -84,6 +84,18 @@ class FakeTransaction:
     def get(self, job_id: str, *, for_update: bool = False) -> Job | None:
         job = self.state.jobs.get(job_id)
         return copy.deepcopy(job) if job else None
+
+    def lock_many(self, job_ids: list[str]) -> dict[str, Job]:
+        return {job_id: job for job_id in sorted(set(job_ids)) if (job := self.get(job_id))}
+
+    def check(self, job: Job, event: JobEvent | None = None) -> None:
+        check_fits(job, event)
+
+    def savepoint(self) -> AbstractContextManager[Any]:
+        return nullcontext()  # a fake write never fails half-way
+
+    def flush(self) -> None:
+        pass
 
     def by_request_id(self, request_id: str) -> Job | None:
         job_id = self.state.by_request.get(request_id)

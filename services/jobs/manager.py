@@ -3,12 +3,16 @@ message are written in one transaction."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from datetime import datetime
 from typing import Protocol
 
+from sqlalchemy.exc import DBAPIError
+
 from services.common.clock import Clock
+from services.common.db import refused_item, retry_conflicts
 from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
 from services.common.feed import ChangeFeed
 from services.jobs import domain
@@ -182,25 +186,68 @@ class JobManager:
         return result
 
     def update_status_many(self, updates: list[StatusUpdate]) -> list[bool | BlixardError]:
-        """Apply the queue's updates in order, in one transaction: each is applied (True),
-        a duplicate or late one ignored (False), or refused on its own (an unknown job:
-        NOT_FOUND)."""
-        results: list[bool | BlixardError] = []
-        with self.store.transaction() as tx:
-            for update in updates:
-                job = tx.get(update.job_id, for_update=True)
-                if job is None:
-                    results.append(NotFound("job", update.job_id))
-                    continue
-                before = (job.last_sequence, job.updated_at)
-                event = domain.apply_update(job, update)
-                if (job.last_sequence, job.updated_at) != before:
-                    tx.save(job)
-                if event is not None:
-                    tx.record(event)
-                results.append(event is not None)
+        """Apply the queue's updates in one transaction: each is applied (True), a
+        duplicate or late one ignored (False), or refused on its own (an unknown job:
+        NOT_FOUND; a value its column cannot hold: INVALID_ARGUMENT) while the rest commit.
+
+        The batch locks its jobs at once, in job_id order, so overlapping batches never
+        deadlock; the reports of one job apply in sequence order to its one locked row. A
+        deadlock or serialization failure all the same is run again (a lost race, not an
+        outage). If the database refuses a write that the checks did not foresee, the
+        batch is run again with a savepoint per update, so that one fails alone."""
+        try:
+            results = retry_conflicts(lambda: self._update_status(updates, isolate=False))
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = retry_conflicts(lambda: self._update_status(updates, isolate=True))
         if any(result is True for result in results):
             self._changed()
+        return results
+
+    def _update_status(
+        self, updates: list[StatusUpdate], *, isolate: bool
+    ) -> list[bool | BlixardError]:
+        results: list[bool | BlixardError] = [False] * len(updates)
+        order = sorted(range(len(updates)), key=lambda i: (updates[i].job_id, updates[i].sequence))
+        with self.store.transaction() as tx:
+            jobs = tx.lock_many([update.job_id for update in updates])
+            changed: set[str] = set()
+            events: list[JobEvent] = []
+            for i in order:
+                update = updates[i]
+                job = jobs.get(update.job_id)
+                if job is None:
+                    results[i] = NotFound("job", update.job_id)
+                    continue
+                before = copy.copy(job)
+                event = domain.apply_update(job, update)
+                try:
+                    tx.check(job, event)
+                    if isolate:
+                        with tx.savepoint():
+                            if job != before:
+                                tx.save(job)
+                            if event is not None:
+                                tx.record(event)
+                            tx.flush()
+                except (BlixardError, DBAPIError) as exc:
+                    refused = exc if isinstance(exc, BlixardError) else refused_item(exc)
+                    if refused is None:
+                        raise
+                    jobs[update.job_id] = before  # as if this update never came
+                    results[i] = refused
+                    continue
+                if job != before:
+                    changed.add(job.job_id)
+                if event is not None:
+                    events.append(event)
+                results[i] = event is not None
+            if not isolate:
+                for job_id in sorted(changed):
+                    tx.save(jobs[job_id])
+                for event in events:
+                    tx.record(event)
         return results
 
     def events(self, job_id: str) -> list[JobEvent]:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, exists, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import has_tag, join_tags, reader, write_lock
+from services.common.db import ColumnLimits, has_tag, join_tags, reader, write_lock
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.jobs.domain import (
@@ -39,6 +40,17 @@ class DuplicateRequest(Exception):
     """A job with this request_id exists already."""
 
 
+_JOB_LIMITS = ColumnLimits(JobRow.__table__)  # type: ignore[arg-type]
+_EVENT_LIMITS = ColumnLimits(JobEventRow.__table__)  # type: ignore[arg-type]
+
+
+def check_fits(job: Job, event: JobEvent | None = None) -> None:
+    """InvalidArgument if the job (and its event) would not fit their columns."""
+    _JOB_LIMITS.check(_values(job), f"job {job.job_id}")
+    if event is not None:
+        _EVENT_LIMITS.check(_event_values(event), f"an event of job {job.job_id}")
+
+
 class Transaction:
     """What one use case may do inside one database transaction."""
 
@@ -52,6 +64,27 @@ class Transaction:
             query = query.with_for_update()
         row = self.session.scalars(query).first()
         return _job(row) if row else None
+
+    def lock_many(self, job_ids: list[str]) -> dict[str, Job]:
+        """The jobs, locked for this transaction in job_id order (one order for every
+        batch, so two overlapping batches never deadlock), by job id (missing ones absent)."""
+        query = (
+            select(JobRow)
+            .where(JobRow.job_id.in_(sorted(set(job_ids))))
+            .order_by(JobRow.job_id)
+            .with_for_update()
+        )
+        return {row.job_id: _job(row) for row in self.session.scalars(query)}
+
+    def check(self, job: Job, event: JobEvent | None = None) -> None:
+        check_fits(job, event)
+
+    def savepoint(self) -> AbstractContextManager[Any]:
+        """A savepoint: what is written inside is undone alone if it raises."""
+        return self.session.begin_nested()
+
+    def flush(self) -> None:
+        self.session.flush()
 
     def by_request_id(self, request_id: str) -> Job | None:
         row = self.session.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
@@ -73,16 +106,7 @@ class Transaction:
         )
 
     def record(self, event: JobEvent) -> None:
-        self.session.add(
-            JobEventRow(
-                job_id=event.job_id,
-                generation=event.generation,
-                state=event.state.value,
-                at=event.at,
-                actor=event.actor,
-                reason=event.reason,
-            )
-        )
+        self.session.add(JobEventRow(**_event_values(event)))
 
     def send(self, topic: str, job: Job, now: datetime) -> None:
         """Tell the queue, once this transaction commits: "enqueue" or "cancel"."""
@@ -291,6 +315,17 @@ def _values(job: Job) -> dict[str, object]:
         last_sequence=job.last_sequence,
         trace_context=json.dumps(job.trace_context),
         output_bytes=job.output_bytes,
+    )
+
+
+def _event_values(event: JobEvent) -> dict[str, object]:
+    return dict(
+        job_id=event.job_id,
+        generation=event.generation,
+        state=event.state.value,
+        at=event.at,
+        actor=event.actor,
+        reason=event.reason,
     )
 
 

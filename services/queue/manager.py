@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from services.common.clock import Clock
 from services.common.combiner import Combiner
-from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound
+from services.common.db import is_conflict, refused_item
+from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound, first_line
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -22,11 +25,17 @@ from services.queue.domain import (
     NewItem,
     NextGeneration,
     Outcome,
+    Report,
     RetryPolicy,
     Worker,
     WorkerState,
 )
-from services.queue.store import QueueStore, Transaction
+from services.queue.store import (
+    QueueStore,
+    Transaction,
+    check_item,
+    check_transition,
+)
 from services.queue.timers import Timers
 from services.queue.waiters import Waiters, kind_of
 
@@ -135,6 +144,18 @@ class QueueManager:
                 if attempt == attempts - 1:
                     raise
                 continue
+            except DBAPIError as exc:
+                self.refresh([*job_ids, *written])
+                if not is_conflict(exc):
+                    raise
+                # A deadlock or serialization failure: a lost race, run again.
+                if attempt == attempts - 1:
+                    raise Aborted(
+                        "the change lost a race with a concurrent one; try again",
+                        reason="CONCURRENT_CHANGE",
+                    ) from exc
+                log.info("a queue transaction lost a race (%s); retrying", first_line(exc))
+                continue
             except BaseException:
                 self.refresh([*job_ids, *written])
                 raise
@@ -172,55 +193,118 @@ class QueueManager:
     # ---- enqueue ----------------------------------------------------------------------
 
     def enqueue(self, new: NewItem) -> tuple[Item, bool]:
-        return self.enqueue_many([new])[0]
+        result = self.enqueue_many([new])[0]
+        if isinstance(result, BlixardError):
+            raise result
+        return result
 
-    def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool]]:
+    def enqueue_many(self, news: list[NewItem]) -> list[tuple[Item, bool] | BlixardError]:
         """Enqueue in one transaction, idempotent by (job id, generation): an item already
         there at this generation or a newer one is returned as it is (created False), so
-        is a generation already cancelled (a cancel that came first left it cancelled).
-        A new generation of an item whose old one still holds a lease waits for that
-        lease to end (two executions of one job never overlap); the old one is asked to
-        stop."""
+        is a generation already cancelled (a cancel that came first left it cancelled),
+        also when a concurrent enqueue of the same item (another relay) committed it
+        first. A new generation of an item whose old one still holds a lease waits for
+        that lease to end (two executions of one job never overlap); the old one is asked
+        to stop. Each item succeeds or fails on its own: one its columns cannot hold gets
+        its own INVALID_ARGUMENT, and the rest are enqueued."""
 
         now = self.clock.now()
         applied: list[Item] = []  # what the cache takes once this commits
 
-        def work(tx: Transaction) -> list[tuple[Item, bool]]:
-            seq = self._next_seqs(len(news))
-            existing = tx.get_many([new.job_id for new in news])
-            results: list[tuple[Item, bool]] = []
-            inserts: list[Item] = []
-            replaces: list[tuple[Item, int]] = []
-            reports = []
-            applied.clear()
-            for offset, new in enumerate(news):
-                old = existing.get(new.job_id)
-                if old is not None and old.generation >= new.generation:
-                    results.append((old, False))
-                    continue
-                if old is not None and old.state is ItemState.LEASED:
-                    results.append(self._hold_next(tx, old, new, now))
-                    applied.append(old)  # asked to stop: a new version
-                    continue
-                item = self._item_of(new, now, seq + offset)
-                reports.append(domain.enqueued(item, now))
-                if old is None:
-                    inserts.append(item)
-                else:  # a new generation (RetryJob) replaces the ended or waiting old item
-                    replaces.append((item, old.version))
-                existing[new.job_id] = item
-                applied.append(item)
-                results.append((item, True))
-            tx.insert_many(inserts)
-            tx.replace_many(replaces)
-            tx.report_many(reports)
-            return results
+        def run(isolate: bool) -> list[tuple[Item, bool] | BlixardError]:
+            return self._write(
+                lambda tx: self._enqueue_work(tx, news, now, isolate, applied),
+                lambda _: applied,
+                [n.job_id for n in news],
+            )
 
-        results = self._write(work, lambda _: applied, [n.job_id for n in news])
+        try:
+            results = run(isolate=False)
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = run(isolate=True)  # a savepoint per item: the one refused fails alone
         # Due "now" means due from now on, even if the clock is stepped back later.
         self.cache.advance(now.timestamp())
         self._announce(applied)
         return results
+
+    def _enqueue_work(
+        self,
+        tx: Transaction,
+        news: list[NewItem],
+        now: datetime,
+        isolate: bool,
+        applied: list[Item],
+    ) -> list[tuple[Item, bool] | BlixardError]:
+        applied.clear()
+        seq = self._next_seqs(len(news))
+        existing = tx.get_many([new.job_id for new in news])
+        results: list[tuple[Item, bool] | BlixardError] = []
+        # (position, item, the one it replaces, its report)
+        planned: list[tuple[int, Item, Item | None, Report]] = []
+        for offset, new in enumerate(news):
+            old = existing.get(new.job_id)
+            if old is not None and old.generation >= new.generation:
+                results.append((old, False))
+                continue
+            if old is not None and old.state is ItemState.LEASED:
+                results.append(self._hold_next(tx, old, new, now))
+                applied.append(old)  # asked to stop: a new version
+                continue
+            item = self._item_of(new, now, seq + offset)
+            report = domain.enqueued(item, now)  # before the item is written: its report_seq
+            try:
+                check_item(item)
+            except BlixardError as exc:
+                results.append(exc)
+                continue
+            existing[new.job_id] = item
+            planned.append((offset, item, old, report))
+            results.append((item, True))
+        if not isolate:
+            self._write_enqueues(tx, planned, results)
+        else:
+            for one in planned:
+                try:
+                    with tx.savepoint():
+                        self._write_enqueues(tx, [one], results)
+                except DBAPIError as exc:
+                    refused = refused_item(exc)
+                    if refused is None:
+                        raise
+                    results[one[0]] = refused
+        for position, *_ in planned:
+            result = results[position]
+            if isinstance(result, tuple) and result[1]:
+                applied.append(result[0])
+        return results
+
+    def _write_enqueues(
+        self,
+        tx: Transaction,
+        planned: list[tuple[int, Item, Item | None, Report]],
+        results: list[tuple[Item, bool] | BlixardError],
+    ) -> None:
+        inserted = tx.insert_new([item for _, item, old, _ in planned if old is None])
+        raced = [item.job_id for _, item, old, _ in planned if old is None]
+        raced = [job_id for job_id in raced if job_id not in inserted]
+        # Taken by a concurrent enqueue that committed first: theirs, read back locked.
+        winners = tx.get_many(raced) if raced else {}
+        replaces: list[tuple[Item, int]] = []
+        reports = []
+        for position, item, old, report in planned:
+            if old is None and item.job_id not in inserted:
+                winner = winners.get(item.job_id)
+                if winner is None or winner.generation < item.generation:
+                    raise Aborted(f"item {item.job_id} was enqueued concurrently")  # run again
+                results[position] = (winner, False)
+                continue
+            if old is not None:  # a new generation (RetryJob) replaces the ended or waiting old
+                replaces.append((item, old.version))
+            reports.append(report)
+        tx.replace_many(replaces)
+        tx.report_many(reports)
 
     def _item_of(
         self, new: NewItem, now: datetime, seq: int, state: ItemState = ItemState.WAITING
@@ -278,6 +362,27 @@ class QueueManager:
         tx.drop_next(item.job_id)
         state = ItemState.CANCELLED if held.cancelled else ItemState.WAITING
         return self._item_of(held.new, now, self._next_seqs(1), state)
+
+    def _ended(
+        self,
+        tx: Transaction,
+        item: Item,
+        version: int,
+        now: datetime,
+        changes: list[tuple[Item, int]],
+        replaces: list[tuple[Item, int]],
+        reports: list[Report],
+    ) -> Item:
+        """Plan the write of an item whose lease has just ended, or of the next
+        generation held for it in its place; returns what will be written."""
+        successor = self._successor(tx, item, now)
+        if successor is None:
+            changes.append((item, version))
+            return item
+        replaces.append((successor, version))
+        if successor.state is ItemState.WAITING:
+            reports.append(domain.enqueued(successor, now))
+        return successor
 
     def _announce(self, items: list[Item]) -> None:
         """Wake the long polls that may take one of these items, if it can be claimed now."""
@@ -364,14 +469,24 @@ class QueueManager:
         than answer empty while items wait. Claims made at the same time share one store
         transaction (group commit)."""
         for _ in range(8):
-            leases, conflicted = self._claims.submit(args)
+            try:
+                result = self._claims.submit(args)
+            except DBAPIError as exc:
+                if not is_conflict(exc):
+                    raise
+                continue  # a lost race (nothing was leased): look again
+            if isinstance(result, BlixardError):
+                raise result
+            leases, conflicted = result
             if leases or not conflicted:
                 return leases
         return []
 
-    def _claim_batch(self, claims: list[_ClaimArgs]) -> list[tuple[list[Lease], bool]]:
+    def _claim_batch(
+        self, claims: list[_ClaimArgs]
+    ) -> list[tuple[list[Lease], bool] | BlixardError]:
         """For each claim: (its leases, whether some items offered to it had been taken
-        elsewhere)."""
+        elsewhere), or why the database refused its write (that claim alone)."""
         now = self.clock.now()
         staged_by_claim: list[list[Entry]] = []
         # The store is read at most once per batch and worker type, for the most any of
@@ -424,26 +539,59 @@ class QueueManager:
             return [([], False) for _ in claims]
         leased: dict[str, Item] = {}
         refused: set[str] = set()
-        try:
+        failed: dict[int, BlixardError] = {}  # by claim: a write the database refused
+
+        def write(isolate: bool) -> None:
+            leased.clear()
+            failed.clear()
             with self.store.transaction() as tx:
                 # A drain made through another replica: this one's memory of the worker
                 # may be older, the store's is not.
-                refused = tx.drained_workers(sorted({c.worker_id for c in claims}))
+                refused.clear()
+                refused.update(tx.drained_workers(sorted({c.worker_id for c in claims})))
                 current = tx.get_many([entry.job_id for entry in every])
                 changes: list[tuple[Item, int]] = []
                 reports = []
-                for c, staged in zip(claims, staged_by_claim, strict=True):
+                for n, (c, staged) in enumerate(zip(claims, staged_by_claim, strict=True)):
                     if c.worker_id in refused:
                         continue
+                    mine: dict[str, Item] = {}
+                    my_changes: list[tuple[Item, int]] = []
+                    my_reports = []
                     for entry in staged:
                         item = current.get(entry.job_id)
                         if item is None or item.version != entry.version:
                             continue  # changed elsewhere: a conflict, repaired below
-                        changes.append((item, item.version))
-                        reports.append(domain.lease(item, c.worker_id, c.lease_seconds, now))
-                        leased[entry.job_id] = item
-                tx.save_many(changes)
-                tx.report_many(reports)
+                        my_changes.append((item, item.version))
+                        my_reports.append(domain.lease(item, c.worker_id, c.lease_seconds, now))
+                        mine[entry.job_id] = item
+                    if isolate and my_changes:
+                        # Each claim in its own savepoint: one the database refuses fails
+                        # alone, its items go back.
+                        try:
+                            with tx.savepoint():
+                                tx.save_many(my_changes)
+                                tx.report_many(my_reports)
+                        except DBAPIError as exc:
+                            problem = refused_item(exc)
+                            if problem is None:
+                                raise
+                            failed[n] = problem
+                            continue
+                    changes.extend(my_changes)
+                    reports.extend(my_reports)
+                    leased.update(mine)
+                if not isolate:
+                    tx.save_many(changes)
+                    tx.report_many(reports)
+
+        try:
+            try:
+                write(isolate=False)
+            except DBAPIError as exc:
+                if refused_item(exc) is None:
+                    raise
+                write(isolate=True)
         except BaseException:
             for entry in every:
                 self.cache.rollback(entry)
@@ -466,8 +614,11 @@ class QueueManager:
         for worker_id in refused:
             self._seen_workers.pop(worker_id, None)  # its next claim reads the drain
         self._put_back(put_back)
-        results: list[tuple[list[Lease], bool]] = []
-        for c, staged in zip(claims, staged_by_claim, strict=True):
+        results: list[tuple[list[Lease], bool] | BlixardError] = []
+        for n, (c, staged) in enumerate(zip(claims, staged_by_claim, strict=True)):
+            if n in failed:
+                results.append(failed[n])
+                continue
             if c.worker_id in refused:
                 results.append(([], False))
                 continue
@@ -573,44 +724,67 @@ class QueueManager:
         return split
 
     def _complete_all(self, completions: list[Completion]) -> list[Item | BlixardError]:
-        def work(tx: Transaction) -> list[Item | BlixardError]:
+        """Each completion is written or fails on its own: a stale token, a value its
+        column cannot hold (checked first), or a write the database refuses (the batch is
+        then run again with a savepoint per completion) fails alone; the rest commit."""
+
+        def work(tx: Transaction, isolate: bool) -> list[Item | BlixardError]:
             now = self.clock.now()
             held = tx.by_tokens([c.token for c in completions])
             results: list[Item | BlixardError] = []
             changes: list[tuple[Item, int]] = []
             replaces: list[tuple[Item, int]] = []
-            reports = []
+            reports: list[Report] = []
             written.clear()
             for c in completions:
                 try:
                     item = domain.check_holder(held.pop(c.token, None), c.token)
-                except BlixardError as exc:
-                    results.append(exc)
-                    continue
-                version = item.version
-                reports.append(
-                    domain.complete(
+                    version = item.version
+                    report = domain.complete(
                         item, c.outcome, c.exit_code, c.output_tail, c.error, now, self.policy
                     )
-                )
+                    check_transition(item)
+                    if isolate:
+                        with tx.savepoint():
+                            mine: list[tuple[Item, int]] = []
+                            my_replaces: list[tuple[Item, int]] = []
+                            my_reports = [report]
+                            done = self._ended(
+                                tx, item, version, now, mine, my_replaces, my_reports
+                            )
+                            tx.save_many(mine)
+                            tx.replace_many(my_replaces)
+                            tx.report_many(my_reports)
+                except (BlixardError, DBAPIError) as exc:
+                    refused = exc if isinstance(exc, BlixardError) else refused_item(exc)
+                    if refused is None or isinstance(refused, Aborted):
+                        raise
+                    results.append(refused)
+                    continue
+                if not isolate:
+                    reports.append(report)
+                    done = self._ended(tx, item, version, now, changes, replaces, reports)
                 results.append(item)
-                successor = self._successor(tx, item, now)
-                if successor is None:
-                    changes.append((item, version))
-                    written.append(item)
-                else:  # the next generation takes the item's place
-                    replaces.append((successor, version))
-                    written.append(successor)
-                    if successor.state is ItemState.WAITING:
-                        reports.append(domain.enqueued(successor, now))
-            tx.save_many(changes)
-            tx.replace_many(replaces)
-            tx.report_many(reports)
+                written.append(done)
+            if not isolate:
+                tx.save_many(changes)
+                tx.replace_many(replaces)
+                tx.report_many(reports)
             return results
 
         written: list[Item] = []  # what the cache takes once this commits
-        results = self._write(work, lambda _: written, [])
-        self._leases.forget([c.token for c in completions])
+
+        def run(isolate: bool) -> list[Item | BlixardError]:
+            return self._write(lambda tx: work(tx, isolate), lambda _: written, [])
+
+        try:
+            results = run(isolate=False)
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = run(isolate=True)
+        done = [c.token for c, r in zip(completions, results, strict=True) if isinstance(r, Item)]
+        self._leases.forget(done)
         self._announce(written)  # retries due at once, next generations
         return results
 
@@ -668,7 +842,12 @@ class QueueManager:
                     self._next_seqs(1),
                     ItemState.CANCELLED,
                 )
-                tx.insert_new(tomb)
+                if job_id not in tx.insert_new([tomb]):  # another replica enqueued it meanwhile
+                    raise Aborted(
+                        f"item {job_id} was inserted concurrently",
+                        reason="CONFLICT",
+                        metadata={"job_id": job_id},
+                    )
                 return tomb
             if generation and item.generation > generation:
                 return item  # a cancel of an older generation: nothing to do here
@@ -801,35 +980,38 @@ class QueueManager:
                 for token, deadline, seconds in tx.overdue(now)
                 if self._leases.ran_out(token, deadline, seconds)
             ][:batch]
-            held = tx.by_tokens(ran_out) if ran_out else {}
-            for token in ran_out:
-                item = held.get(token)
-                if item is None or not (
-                    item.lease_deadline is not None
+            cutoff = now - timedelta(seconds=self.worker_timeout)
+            silent = [
+                worker.worker_id
+                for worker in tx.silent_workers(cutoff, lock=False)
+                if self._workers.ran_out(worker.worker_id, worker.last_seen, self.worker_timeout)
+            ]
+            # One lock order for every transaction, as a heartbeat takes them: the items
+            # (in job_id order), then the workers (in worker_id order), then checked again.
+            held = tx.lock_leases(ran_out, silent)
+            offline = {w.worker_id: w for w in tx.silent_workers(cutoff, among=silent)}
+            expiring = set(ran_out)
+            for item in held:
+                token = item.lease_token or ""
+                if item.worker_id in offline:
+                    why = f"worker {item.worker_id} went offline"
+                elif (
+                    token in expiring
+                    and item.lease_deadline is not None
                     and item.lease_deadline < now
                     and self._leases.ran_out(token, item.lease_deadline, item.lease_seconds)
                 ):
+                    why = f"the lease of attempt {item.attempt} expired"
+                else:
                     continue
                 ended.append(token)
                 version = item.version
-                why = f"the lease of attempt {item.attempt} expired"
                 tx.report(domain.expire(item, now, self.policy, why))
                 reaped.append(self._save_ended(tx, item, version, now))
-            cutoff = now - timedelta(seconds=self.worker_timeout)
-            for worker in tx.silent_workers(cutoff):
-                if not self._workers.ran_out(
-                    worker.worker_id, worker.last_seen, self.worker_timeout
-                ):
-                    continue
+            for worker in offline.values():
                 self._seen_workers.pop(worker.worker_id, None)
                 worker.state = WorkerState.OFFLINE
                 tx.put_worker(worker)
-                for item in tx.leased_by(worker.worker_id):
-                    ended.append(item.lease_token or "")
-                    version = item.version
-                    why = f"worker {worker.worker_id} went offline"
-                    tx.report(domain.expire(item, now, self.policy, why))
-                    reaped.append(self._save_ended(tx, item, version, now))
             if self.worker_retention > 0:
                 gone = now - timedelta(seconds=self.worker_retention)
                 purged[0] = tx.purge_workers(gone, batch)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
@@ -18,18 +18,24 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import BulkWrite, has_tag, join_tags, reader, split_tags, write_lock
+from services.common.db import (
+    BulkWrite,
+    ColumnLimits,
+    has_tag,
+    join_tags,
+    reader,
+    split_tags,
+    write_lock,
+)
 from services.common.errors import Aborted
 from services.common.feed import ChangeFeed
 from services.common.outbox import SqlOutbox
@@ -74,9 +80,12 @@ TRANSITION_FIELDS = (
 
 
 # The hot path's reads, built once: the IN list expands at execution.
+# Every statement that locks several items locks them in job_id order (items before
+# workers), so two transactions never hold locks the other waits for.
 _GET_MANY = (
     select(*ITEM_COLUMNS)
     .where(ITEMS.c.job_id.in_(bindparam("keys", expanding=True)))
+    .order_by(ITEMS.c.job_id)
     .with_for_update()
 )
 _DRAINED = select(WORKERS.c.worker_id).where(
@@ -118,8 +127,24 @@ _WAITING_CARRIED = {
 _BY_TOKENS = (
     select(*ITEM_COLUMNS)
     .where(ITEMS.c.lease_token.in_(bindparam("keys", expanding=True)))
+    .order_by(ITEMS.c.job_id)
     .with_for_update()
 )
+_ITEM_LIMITS = ColumnLimits(ITEMS)
+_WORKER_LIMITS = ColumnLimits(WORKERS)
+
+
+def check_item(item: Item) -> None:
+    """InvalidArgument naming each field of the item its column cannot hold."""
+    _ITEM_LIMITS.check(_columns(item), f"item {item.job_id}")
+
+
+def check_transition(item: Item) -> None:
+    """As check_item, for the fields a transition writes."""
+    _ITEM_LIMITS.check(
+        dict(zip(TRANSITION_FIELDS, _transition_values(item), strict=True)),
+        f"item {item.job_id}",
+    )
 
 
 @dataclass(frozen=True)
@@ -209,26 +234,26 @@ class Transaction:
         row = self.connection.execute(query).first()
         return _item(row) if row else None
 
-    def insert_many(self, items: list[Item]) -> None:
-        if items:
-            self._fault("before_write")
-            self.written.extend(item.job_id for item in items)
-            self.connection.execute(insert(ITEMS), [_columns(item) for item in items])
-
-    def insert_new(self, item: Item) -> None:
-        """Insert an item no row may exist for yet: one inserted meanwhile by another
-        replica (whose transaction this one did not see) is a conflict (ABORTED), and
-        the caller's transaction is retried on what the store has then."""
+    def insert_new(self, items: list[Item]) -> set[str]:
+        """Insert the items whose job id is not taken, in job_id order; the job ids
+        inserted. An item a concurrent transaction inserted first is left as it is (a
+        duplicate enqueue is no error): the caller reads it back."""
+        if not items:
+            return set()
         self._fault("before_write")
-        self.written.append(item.job_id)
-        try:
-            self.connection.execute(insert(ITEMS), [_columns(item)])
-        except IntegrityError:
-            raise Aborted(
-                f"item {item.job_id} was inserted concurrently",
-                reason="CONFLICT",
-                metadata={"job_id": item.job_id},
-            ) from None
+        items = sorted(items, key=lambda item: item.job_id)
+        self.written.extend(item.job_id for item in items)
+        dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(ITEMS)
+            .on_conflict_do_nothing(index_elements=["job_id"])
+            .returning(ITEMS.c.job_id)
+        )
+        return set(self.connection.scalars(statement, [_columns(item) for item in items]))
+
+    def savepoint(self) -> AbstractContextManager[Any]:
+        """A savepoint: what is written inside is undone alone if it raises."""
+        return self.connection.begin_nested()
 
     def save(self, item: Item, expected_version: int) -> None:
         """Write the item if nobody changed it since it was read (version check)."""
@@ -261,10 +286,21 @@ class Transaction:
             for row in self.connection.execute(query)
         ]
 
-    def leased_by(self, worker_id: str) -> list[Item]:
+    def lock_leases(self, tokens: list[str], worker_ids: list[str]) -> list[Item]:
+        """The leased items holding one of these tokens or leased by one of these workers,
+        locked in job_id order (the reaper locks items before workers, as a heartbeat does)."""
+        c = ITEMS.c
+        held = []
+        if tokens:
+            held.append(c.lease_token.in_(tokens))
+        if worker_ids:
+            held.append(c.worker_id.in_(worker_ids))
+        if not held:
+            return []
         query = (
             select(*ITEM_COLUMNS)
-            .where(ITEMS.c.worker_id == worker_id, ITEMS.c.state == ItemState.LEASED.value)
+            .where(c.state == ItemState.LEASED.value, or_(*held))
+            .order_by(c.job_id)
             .with_for_update()
         )
         return [_item(row) for row in self.connection.execute(query)]
@@ -324,6 +360,7 @@ class Transaction:
             last_seen=worker.last_seen,
             drained=worker.drained,
         )
+        _WORKER_LIMITS.check(values, f"worker {worker.worker_id[:64]!r}")
         dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(WORKERS).values(**values)
         changed = {k: v for k, v in values.items() if k != "worker_id"}
@@ -357,14 +394,24 @@ class Transaction:
         )
         return result.rowcount
 
-    def silent_workers(self, cutoff: datetime) -> list[Worker]:
-        # Locked, so a drain, registration or heartbeat that another replica commits
-        # meanwhile is waited for (and re-checked), not overwritten with what was read.
+    def silent_workers(
+        self, cutoff: datetime, *, among: list[str] | None = None, lock: bool = True
+    ) -> list[Worker]:
+        """The workers not offline and not seen since ``cutoff`` (of ``among``, if given),
+        in worker_id order. Locked (the default), so a drain, registration or heartbeat
+        that another replica commits meanwhile is waited for (and re-checked), not
+        overwritten with what was read."""
+        if among is not None and not among:
+            return []
         query = (
             select(WORKERS)
             .where(WORKERS.c.state != WorkerState.OFFLINE.value, WORKERS.c.last_seen < cutoff)
-            .with_for_update()
+            .order_by(WORKERS.c.worker_id)
         )
+        if among is not None:
+            query = query.where(WORKERS.c.worker_id.in_(among))
+        if lock:
+            query = query.with_for_update()
         return [_worker(row) for row in self.connection.execute(query)]
 
 

@@ -85,3 +85,32 @@ def test_an_empty_or_oversized_batch_is_invalid_argument(jobs_only: Stack, count
         jobs_only.jobs_stub().BatchUpdateJobStatus(request, timeout=RPC_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "requests" in (caught.value.details() or "")
+
+
+def test_a_report_its_job_cannot_store_fails_alone(jobs_only: Stack) -> None:
+    """A worker id longer than its column: that report is INVALID_ARGUMENT, never an
+    INTERNAL for the whole call (nor, on SQLite, stored as it is); the others apply."""
+    jobs = jobs_only.jobs_stub()
+    first, bad = (
+        jobs.SubmitJob(jpb.SubmitJobRequest(spec=spec("true")), timeout=RPC_TIMEOUT).job
+        for _ in range(2)
+    )
+    response = jobs.BatchUpdateJobStatus(
+        jpb.BatchUpdateJobStatusRequest(
+            requests=[
+                update(bad.job_id, 1, jpb.JOB_STATE_RUNNING, attempt=1, worker_id="w" * 300),
+                update(first.job_id, 1, jpb.JOB_STATE_RUNNING, attempt=1, worker_id="w-1"),
+            ]
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    refused, applied = response.results
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "worker_id" in refused.error.message
+    assert applied.response.applied
+    got = {
+        job.job_id: jobs.GetJob(jpb.GetJobRequest(job_id=job.job_id), timeout=RPC_TIMEOUT).job
+        for job in (first, bad)
+    }
+    assert got[first.job_id].state == jpb.JOB_STATE_RUNNING
+    assert got[bad.job_id].state == jpb.JOB_STATE_PENDING and got[bad.job_id].worker_id == ""
