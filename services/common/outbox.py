@@ -50,7 +50,7 @@ from services.common import telemetry
 from services.common.backoff import backoff
 from services.common.clock import Clock
 from services.common.db import BulkWrite, reader, write_lock
-from services.common.errors import LoopFailures
+from services.common.errors import LoopFailures, NotFound
 from services.common.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,36 @@ class SqlOutbox:
             query = query.with_for_update()
         row = connection.execute(query).first()
         return ParkedMessage(*row) if row is not None else None
+
+
+class ParkedMessages:
+    """An operator's use cases on the parked messages of one outbox (each service with an
+    outbox hands them out: ListParkedMessages, RedriveParkedMessage, DeleteParkedMessage)."""
+
+    def __init__(self, outbox: SqlOutbox, clock: Clock, feed: ChangeFeed) -> None:
+        self.outbox = outbox
+        self.clock = clock
+        self.feed = feed  # the relay's: a redriven message goes at once
+
+    def page(self, page_size: int, after: int) -> tuple[list[ParkedMessage], int, int]:
+        """Parked messages in id order after ``after``, the id the next page starts after
+        (0: no next page), and how many are parked in all."""
+        found = self.outbox.parked(page_size + 1, after)
+        last = found[page_size - 1].id if len(found) > page_size else 0
+        return found[:page_size], last, self.outbox.parked_count()
+
+    def redrive(self, message_id: int) -> ParkedMessage:
+        message = self.outbox.redrive(message_id, self.clock.now())
+        if message is None:
+            raise NotFound("parked message", str(message_id))
+        self.feed.changed()
+        return message
+
+    def delete(self, message_id: int) -> ParkedMessage:
+        message = self.outbox.drop(message_id)
+        if message is None:
+            raise NotFound("parked message", str(message_id))
+        return message
 
 
 # A receiver that takes several messages in one call answers, for each in order, None

@@ -14,6 +14,7 @@ from typing import TypeVar
 from services.common.clock import Clock
 from services.common.combiner import Combiner
 from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound
+from services.common.outbox import ParkedMessages
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -58,6 +59,8 @@ class Stats:
     oldest_waiting_age: float
     waiting_by_worker_types: dict[str, int]
     leases_expiring: int
+    parked_messages: int = 0  # reports the outbox relay gave up on
+    outbox_pending: int = 0  # reports still to deliver
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class QueueManager:
         self.store = store
         self.clock = clock
         self.policy = policy or RetryPolicy()
+        # The reports to jobs the outbox relay gave up on (the relay waits on reports).
+        self.parked = ParkedMessages(store.outbox, clock, store.reports)
         self.worker_timeout = worker_timeout
         self._stop = threading.Event()
         self._seen_workers: dict[str, tuple[float, Worker]] = {}
@@ -624,6 +629,8 @@ class QueueManager:
             oldest_waiting_age=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
             waiting_by_worker_types=self.store.waiting_by_worker_types(),
             leases_expiring=self.store.leases_expiring(now + timedelta(seconds=expiring_within)),
+            parked_messages=self.store.outbox.parked_count(),
+            outbox_pending=self.store.outbox.pending(),
         )
 
     def list_items(
