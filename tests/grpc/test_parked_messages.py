@@ -13,6 +13,7 @@ from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.queue.v1 import queue_service_pb2 as qpb
 from sqlalchemy import Engine
 
+from services.cli import main as cli
 from services.common import db
 from services.common.clock import Clock
 from services.common.outbox import SqlOutbox
@@ -156,3 +157,48 @@ def test_a_bad_parked_message_request_is_invalid_argument(
         method(request_, timeout=RPC_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (caught.value.details() or "")
+
+
+def test_blixctl_lists_redrives_and_deletes_parked_messages(
+    secured: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BLIXARD_ADMIN_TOKEN", ADMIN_TOKEN)
+    queue = secured.queue_stub(ADMIN_TOKEN)
+    report_from_the_queue(secured, [Report("cli-job", 1, 0, "RUNNING", Clock().now(), 1)])
+
+    def parked_ids() -> list[int]:
+        found = queue.ListParkedMessages(qpb.ListParkedMessagesRequest(), timeout=RPC_TIMEOUT)
+        return [m.id for m in found.messages if m.key == "cli-job"]
+
+    [message_id] = eventually(parked_ids, 20, "the report to be parked")
+    capsys.readouterr()
+
+    def blixctl(*args: str) -> tuple[int, str, str]:
+        target = secured.queue_target if args[1] == "queue" else secured.jobs_target
+        code = cli.main([*args[:2], "--address", target, *args[2:]])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = blixctl("parked", "queue")
+    assert code == 0, err
+    [row] = [line for line in out.splitlines() if "cli-job" in line]
+    assert row.split()[:4] == [str(message_id), "status", "cli-job", "3"]
+    assert "sequence" in row and "1 parked in all" in err
+
+    code, out, _ = blixctl("parked", "queue", "--json")
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["cli-job"]
+
+    code, out, _ = blixctl("redrive-parked", "queue", str(message_id))
+    assert code == 0 and f"message {message_id} (status cli-job) goes out again" in out
+    eventually(parked_ids, 20, "the redriven report to be parked again")
+
+    code, out, _ = blixctl("delete-parked", "queue", str(message_id))
+    assert code == 0 and "deleted" in out and parked_ids() == []
+
+    code, _, err = blixctl("delete-parked", "queue", str(message_id))
+    assert code == cli.EXIT_RPC and "not found" in err
+
+    monkeypatch.delenv("BLIXARD_ADMIN_TOKEN")
+    monkeypatch.setenv("BLIXARD_CLIENT_TOKEN", CLIENT_TOKEN)
+    code, _, err = blixctl("parked", "jobs")
+    assert code == cli.EXIT_RPC and "PERMISSION_DENIED" in err
