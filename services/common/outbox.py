@@ -367,7 +367,8 @@ class ParkedMessages:
 
 # A receiver that takes several messages in one call answers, for each in order, None
 # (delivered) or the exception that kept it from being delivered (Transient: try later;
-# Refused: it cannot apply).
+# Refused: it cannot apply). The same exception object for several messages means the
+# call that carried them failed as a whole (none of them is to blame).
 DeliverMany = Callable[[list[Message]], list[Exception | None]]
 
 
@@ -490,26 +491,34 @@ class Relay:
             outcomes = self.deliver_many(messages)
             if len(outcomes) != len(messages):
                 raise RuntimeError(f"{len(outcomes)} answers for {len(messages)} messages")
-        except Exception as exc:  # the call itself failed
-            if len(messages) > 1 and not isinstance(exc, Transient):
-                # Which message made it fail is not known: none is blamed; they go one
-                # per call until the one that fails alone is found.
-                self._one_by_one_until = messages[-1].id
+        except Exception as exc:  # the call itself failed: its answer for each message
+            outcomes = [exc] * len(messages)
+        delivered: list[int] = []
+        for index, (message, outcome) in enumerate(zip(messages, outcomes, strict=True)):
+            if outcome is None:
+                delivered.append(message.id)
+                continue
+            self.outbox.delivered_many(delivered)
+            rest = messages[index:]
+            # One exception answered for several messages is the failure of the call that
+            # carried them (a receiver's batch call, or the whole call): which message made
+            # it fail is not known. Unless the receiver is merely out of reach, none is
+            # blamed: they go one per call until the one that fails alone is found.
+            if (
+                len(rest) > 1
+                and outcomes[index + 1] is outcome
+                and not isinstance(outcome, Transient)
+            ):
+                self._one_by_one_until = rest[-1].id
                 log.warning(
                     "%s: a call of %d messages failed, sending them one by one: %r",
                     self.name,
-                    len(messages),
-                    exc,
+                    len(rest),
+                    outcome,
                 )
-                return False
-            outcomes = [exc]  # the head waits, the rest with it
-        delivered: list[int] = []
-        for message, outcome in zip(messages, outcomes, strict=False):
-            if outcome is not None:
-                self.outbox.delivered_many(delivered)
-                self._failed(message, outcome)
-                return False
-            delivered.append(message.id)
+            else:
+                self._failed(message, outcome)  # the head waits, the rest with it
+            return False
         self.outbox.delivered_many(delivered)
         return True
 

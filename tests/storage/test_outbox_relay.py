@@ -351,16 +351,21 @@ def test_a_parked_message_is_redriven_or_deleted_by_an_operator(outbox: SqlOutbo
     assert outbox.drop(second.id) is None and outbox.redrive(first.id, Clock().now()) is None
 
 
+@pytest.mark.parametrize("how", ["raised", "answered for each"])
 def test_a_batch_call_that_fails_blames_only_the_message_that_fails_alone(
-    outbox: SqlOutbox,
+    outbox: SqlOutbox, how: str
 ) -> None:
     """The receiver fails the whole call (as PostgreSQL failed a whole batch over one NUL
-    byte): the messages go one per call, the innocent ones are delivered, only 3 counts a
-    try and is parked; then batches again."""
+    byte), the call raising or the sender answering its one error for every message (as
+    the jobs relay does for a failed BatchEnqueue): the messages go one per call, the
+    innocent ones are delivered, only 3 counts a try and is parked; then batches again."""
 
     def answer(messages: list[Message]) -> list[Exception | None]:
         if any(m.payload["n"] == 3 for m in messages):
-            raise RuntimeError("INTERNAL")
+            failure = RuntimeError("INTERNAL")
+            if how == "raised":
+                raise failure
+            return [failure] * len(messages)
         return [None] * len(messages)
 
     relay, calls = relay_with(outbox, answer, max_tries=2)
