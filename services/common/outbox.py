@@ -32,6 +32,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Index,
     Integer,
     String,
     Table,
@@ -44,7 +45,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import update as sql_update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 
 from services.common import telemetry
 from services.common.backoff import backoff
@@ -77,6 +78,20 @@ class OutboxMixin:
     # The relay that claimed the row (PostgreSQL only): its claim lasts until
     # next_attempt_at, before which no other relay takes the row.
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Index]:
+        # Only parked rows are in it (none, mostly): an operator's list and the stats'
+        # count read the parked rows, not the whole backlog.
+        parked = text("parked_at IS NOT NULL")
+        return (
+            Index(
+                f"ix_{cls.__tablename__}_parked",  # type: ignore[attr-defined]
+                "id",
+                sqlite_where=parked,
+                postgresql_where=parked,
+            ),
+        )
 
 
 @dataclass(frozen=True)

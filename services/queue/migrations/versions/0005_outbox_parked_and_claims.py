@@ -26,9 +26,18 @@ def upgrade() -> None:
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.add_column(sa.Column("parked_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("claimed_by", sa.String(length=64), nullable=True))
+    # Only parked rows are in it: listing and counting them never reads the backlog.
+    op.create_index(
+        "ix_outbox_parked",
+        "outbox",
+        ["id"],
+        sqlite_where=sa.text("parked_at IS NOT NULL"),
+        postgresql_where=sa.text("parked_at IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_outbox_parked", table_name="outbox")
     # A parked message goes back to being retried, as before parking existed.
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_column("claimed_by")
