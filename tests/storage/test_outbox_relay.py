@@ -5,6 +5,7 @@ next round (receivers are idempotent, and the jobs service ignores a late update
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from datetime import timedelta
@@ -437,6 +438,37 @@ def test_a_claimed_message_holds_back_its_key_on_the_other_relay(
     assert [m.payload["n"] for m in second.due(Clock().now(), 100)] == [3]  # not x's second
 
 
+def test_a_claim_under_way_holds_back_its_keys_on_the_other_relay(
+    engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
+) -> None:
+    """Relay a's claim of x's first message is not committed yet when relay b claims:
+    b must not take x's second (it would reach the receiver first). b waits for a's
+    claim to commit, then sees it."""
+    first, second = replicas
+    now = Clock().now() - timedelta(seconds=1)
+    with engine.begin() as connection:
+        first.add_many(
+            connection,
+            [("status", key, {"n": n}, now) for n, key in enumerate(["x", "y", "x", "z"])],
+        )
+    claimed: list[list[int]] = []
+    at = Clock().now()
+    with engine.connect() as connection:  # relay a's claim, held open (its statements)
+        transaction = connection.begin()
+        connection.execute(first._serialise)
+        params = {"now": at, "limit": 2, "claimer": first.claimer, "until": at + timedelta(30)}
+        assert sorted(r.id for r in connection.execute(first._due, params)) == [1, 2]
+        other = threading.Thread(
+            target=lambda: claimed.append([m.payload["n"] for m in second.due(at, 100)])
+        )
+        other.start()
+        time.sleep(0.5)  # b's claim runs meanwhile (and waits, or not)
+        transaction.commit()
+    other.join(timeout=10)
+
+    assert claimed == [[3]]  # z's only: x's second waits behind a's claim
+
+
 def test_a_relay_that_claimed_and_died_lets_the_other_deliver_after_the_lease(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -461,3 +493,42 @@ def test_a_relay_that_claimed_and_died_lets_the_other_deliver_after_the_lease(
     clock.advance(2)
     relay.run_once()
     assert delivered == [3, 4, 0, 1, 2] and second.pending() == 0
+
+
+def test_two_running_relays_deliver_each_row_once_and_each_key_in_order(
+    engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
+) -> None:
+    """Both relays' threads at work on one backlog (3,000 messages over 300 keys, pages of
+    100): every message is delivered once, and each key's in the order written, whichever
+    relay sent it."""
+    first, second = replicas
+    now = Clock().now() - timedelta(seconds=1)
+    with engine.begin() as connection:
+        first.add_many(connection, [("status", f"k-{n % 300}", {"n": n}, now) for n in range(3000)])
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def deliver(messages: list[Message]) -> list[Exception | None]:
+        time.sleep(0.005)  # a call takes a while: the other relay reads meanwhile
+        with lock:
+            seen.extend((m.key, m.payload["n"]) for m in messages)
+        return [None] * len(messages)
+
+    relays = [
+        Relay(name, box, lambda m: None, Clock(), ChangeFeed(), deliver_many=deliver, batch=100)
+        for name, box in (("a", first), ("b", second))
+    ]
+    for relay in relays:
+        relay.start()
+    try:
+        deadline = time.monotonic() + 60
+        while first.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for relay in relays:
+            relay.stop()
+
+    assert Counter(Counter(n for _, n in seen).values()) == {1: 3000}
+    for key in {k for k, _ in seen}:
+        numbers = [n for k, n in seen if k == key]
+        assert numbers == sorted(numbers), key
