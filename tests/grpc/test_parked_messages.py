@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from blixard.common.v1.outbox_pb2 import ParkedMessage
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.queue.v1 import queue_service_pb2 as qpb
 from sqlalchemy import Engine
@@ -17,6 +18,7 @@ from services.cli import main as cli
 from services.common import db
 from services.common.clock import Clock
 from services.common.outbox import SqlOutbox
+from services.jobs.models import OutboxRow as JobsOutboxRow
 from services.queue.domain import Report
 from services.queue.models import OutboxRow
 from services.queue.store import _payload
@@ -115,6 +117,29 @@ def test_a_poison_report_is_parked_and_a_later_report_of_its_job_gets_through(
         queue.DeleteParkedMessage(qpb.DeleteParkedMessageRequest(id=parked.id), timeout=RPC_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert f"parked message '{parked.id}' not found" in (caught.value.details() or "")
+
+
+def test_a_cancel_the_queue_refuses_is_parked_by_the_jobs_service(secured: Stack) -> None:
+    """The jobs service's outbox parks too: a cancel the queue refuses (a job id it can
+    never hold) is listed by the jobs service after three tries, then deleted."""
+    engine = db.make_engine(f"sqlite:///{secured.tmp}/jobs.sqlite3", setting="JOBS_DATABASE_URL")
+    outbox = SqlOutbox(engine, JobsOutboxRow)
+    with engine.begin() as connection:
+        payload = {"job_id": "j" * 65, "generation": 1}
+        outbox.add_many(connection, [("cancel", "too-long-id", payload, Clock().now())])
+    engine.dispose()
+    jobs = secured.jobs_stub(ADMIN_TOKEN)
+
+    def parked() -> list[ParkedMessage]:
+        found = jobs.ListParkedMessages(jpb.ListParkedMessagesRequest(), timeout=RPC_TIMEOUT)
+        return [m for m in found.messages if m.key == "too-long-id"]
+
+    [message] = eventually(parked, 20, "the jobs service to park the cancel")
+
+    assert (message.topic, message.attempts) == ("cancel", 3)
+    assert "job_id" in message.last_error and "64" in message.last_error
+    jobs.DeleteParkedMessage(jpb.DeleteParkedMessageRequest(id=message.id), timeout=RPC_TIMEOUT)
+    assert parked() == []
 
 
 def test_parked_messages_are_for_operators_only(secured: Stack) -> None:
