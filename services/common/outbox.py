@@ -255,6 +255,17 @@ class SqlOutbox:
             for r in rows
         ]
 
+    def release(self, now: datetime) -> None:
+        """Give up this outbox's claims (a relay that stops): any relay may send them now."""
+        if self._claims:
+            c = self._table.c
+            with self._engine.begin() as connection:
+                connection.execute(
+                    sql_update(self._table)
+                    .where(c.claimed_by == self.claimer)
+                    .values(claimed_by=None, next_attempt_at=now)
+                )
+
     def delivered(self, message_id: int) -> None:
         self.delivered_many([message_id])
 
@@ -447,6 +458,12 @@ class Relay:
         self.feed.changed()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                return  # still sending: its claims end with their lease
+        try:  # another replica sends at once what this one claimed and did not send
+            self.outbox.release(self.clock.now())
+        except Exception as exc:  # the database is gone: the claims end with their lease
+            log.warning("%s: claims not released: %s", self.name, exc)
 
     def _run(self) -> None:
         seen = self.feed.version

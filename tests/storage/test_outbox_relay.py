@@ -532,3 +532,18 @@ def test_two_running_relays_deliver_each_row_once_and_each_key_in_order(
     for key in {k for k, _ in seen}:
         numbers = [n for k, n in seen if k == key]
         assert numbers == sorted(numbers), key
+
+
+def test_a_relay_that_stops_releases_its_claims(
+    engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
+) -> None:
+    """A replica shut down (a deploy) after claiming a page it did not send: the other
+    replica sends it at once, not after the lease."""
+    first, second = replicas
+    add(engine, first, list(range(3)))
+    stopping = Relay("a", first, lambda m: None, Clock(), ChangeFeed())
+    assert len(first.due(Clock().now(), 100)) == 3  # claimed, then the process stops
+
+    stopping.stop()
+
+    assert [m.payload["n"] for m in second.due(Clock().now(), 100)] == [0, 1, 2]
