@@ -33,7 +33,9 @@ def check_page(request: PageRequest, problems: Problems) -> tuple[int, int]:
     after = 0
     position = paging.decode(request.page_token, 1, problems)
     if position is not None:
-        if position[0].isdigit():
+        # Only the ids this service gave out: digits of a bigint (a longer number would
+        # reach the database out of its column's range).
+        if position[0].isdigit() and len(position[0]) <= 19 and int(position[0]) <= MAX_ID:
             after = int(position[0])
         else:
             paging.not_ours(problems)

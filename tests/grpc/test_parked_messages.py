@@ -15,7 +15,7 @@ from blixard.queue.v1 import queue_service_pb2 as qpb
 from sqlalchemy import Engine
 
 from services.cli import main as cli
-from services.common import db
+from services.common import db, paging
 from services.common.clock import Clock
 from services.common.outbox import SqlOutbox
 from services.jobs.models import OutboxRow as JobsOutboxRow
@@ -168,7 +168,8 @@ def test_parked_messages_are_for_operators_only(secured: Stack) -> None:
     ("request_", "field"),
     [
         (jpb.ListParkedMessagesRequest(page_size=1001), "page_size"),
-        (jpb.ListParkedMessagesRequest(page_token="bm90LWEtbnVtYmVy"), "page_token"),
+        (jpb.ListParkedMessagesRequest(page_token=paging.encode("not-a-number")), "page_token"),
+        (jpb.ListParkedMessagesRequest(page_token=paging.encode("9" * 30)), "page_token"),
         (jpb.RedriveParkedMessageRequest(id=0), "id"),
         (jpb.DeleteParkedMessageRequest(id=-5), "id"),
     ],
