@@ -1,4 +1,6 @@
-"""blixctl: submit, get, list, cancel, retry and watch jobs from a shell.
+"""blixctl: submit, get, list, cancel, retry and watch jobs from a shell; list, redrive and
+delete the outbox messages a service parked (``parked``, ``redrive-parked``,
+``delete-parked``: an operator's commands, with ``BLIXARD_ADMIN_TOKEN``).
 
 Human output by default, ``--json`` (proto3 JSON, one object per line) for scripts. The
 address comes from ``--address`` or ``BLIXCTL_ADDRESS`` (default 127.0.0.1:50051), the
@@ -16,12 +18,14 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as pb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from blixard.queue.v1 import queue_service_pb2 as qpb
+from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 from google.protobuf import json_format
 
 from services.common import pbtime
@@ -35,6 +39,12 @@ R = TypeVar("R")
 T = TypeVar("T")
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 CALL_TIMEOUT = 30.0
+# The parked-message commands: the service is named, and so is its default address.
+PARKED_COMMANDS = {"parked", "redrive-parked", "delete-parked"}
+SERVICE_ADDRESSES = {
+    "jobs": ("BLIXCTL_ADDRESS", "127.0.0.1:50051"),
+    "queue": ("BLIXCTL_QUEUE_ADDRESS", "127.0.0.1:50052"),
+}
 
 
 class UsageError(Exception):
@@ -122,12 +132,38 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-size", type=int, default=100)
     listing.add_argument("--page-token", default="")
     listing.add_argument("--all", action="store_true", help="follow every page")
+
+    operator = argparse.ArgumentParser(add_help=False)
+    operator.add_argument(
+        "service", choices=sorted(SERVICE_ADDRESSES), help="whose outbox: jobs or queue"
+    )
+    operator.add_argument(
+        "--address",
+        help="the service's address (default: env BLIXCTL_ADDRESS or 127.0.0.1:50051 for "
+        "jobs, BLIXCTL_QUEUE_ADDRESS or 127.0.0.1:50052 for the queue)",
+    )
+    operator.add_argument("--json", action="store_true", help="print proto3 JSON, one per line")
+    parked = commands.add_parser(
+        "parked",
+        parents=[operator],
+        help="outbox messages the service gave up on (admin): blixctl parked queue",
+    )
+    parked.add_argument("--page-size", type=int, default=100)
+    parked.add_argument("--page-token", default="")
+    parked.add_argument("--all", action="store_true", help="follow every page")
+    for name, text in (
+        ("redrive-parked", "deliver a parked message again (admin)"),
+        ("delete-parked", "delete a parked message for good (admin)"),
+    ):
+        command = commands.add_parser(name, parents=[operator], help=text)
+        command.add_argument("id", type=int, help="the message's id (blixctl parked)")
     return parser
 
 
 class Cli:
-    def __init__(self, stub: pb_grpc.JobServiceStub, as_json: bool) -> None:
-        self.stub = stub
+    def __init__(self, channel: grpc.Channel, as_json: bool) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.JobServiceStub(channel)
         self.as_json = as_json
 
     # ---- output -----------------------------------------------------------------------
@@ -299,6 +335,62 @@ class Cli:
                 return
             request.page_token = response.next_page_token
 
+    # ---- parked outbox messages (an operator's) ------------------------------------------
+
+    def _parked_api(self, service: str) -> tuple[Any, Any]:
+        """The service's stub and its messages module (both services' parked-message RPCs
+        have the same names and fields)."""
+        if service == "queue":
+            return qpb_grpc.QueueServiceStub(self.channel), qpb
+        return self.stub, pb
+
+    def parked(self, args: argparse.Namespace) -> int:
+        stub, messages = self._parked_api(args.service)
+        request = messages.ListParkedMessagesRequest(
+            page_size=args.page_size, page_token=args.page_token
+        )
+        if not self.as_json:
+            print(f"{'ID':>8}  {'TOPIC':<8} {'KEY':<36}  {'TRIES':>5}  {'PARKED':<19}  ERROR")
+        while True:
+            response = stub.ListParkedMessages(request, timeout=CALL_TIMEOUT)
+            for message in response.messages:
+                if self.as_json:
+                    self.emit(message)
+                else:
+                    print(
+                        f"{message.id:>8}  {message.topic:<8} {message.key:<36}  "
+                        f"{message.attempts:>5}  {_when(message.park_time):<19}  "
+                        f"{message.last_error.splitlines()[0] if message.last_error else '-'}"
+                    )
+            if not args.all or not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+        if not self.as_json:
+            if response.next_page_token:
+                print(f"(more: --page-token {response.next_page_token})", file=sys.stderr)
+            print(f"{response.total_parked} parked in all", file=sys.stderr)
+        return EXIT_OK
+
+    def redrive_parked(self, args: argparse.Namespace) -> int:
+        stub, messages = self._parked_api(args.service)
+        request = messages.RedriveParkedMessageRequest(id=args.id)
+        message = stub.RedriveParkedMessage(request, timeout=CALL_TIMEOUT).message
+        if self.as_json:
+            self.emit(message)
+        else:
+            print(f"message {message.id} ({message.topic} {message.key}) goes out again")
+        return EXIT_OK
+
+    def delete_parked(self, args: argparse.Namespace) -> int:
+        stub, messages = self._parked_api(args.service)
+        request = messages.DeleteParkedMessageRequest(id=args.id)
+        message = stub.DeleteParkedMessage(request, timeout=CALL_TIMEOUT).message
+        if self.as_json:
+            self.emit(message)
+        else:
+            print(f"message {message.id} ({message.topic} {message.key}) deleted")
+        return EXIT_OK
+
     def _follow(self, job_id: str, *, quiet: bool) -> int:
         last = None
         for update in _stream(self.stub.WatchJob, pb.WatchJobRequest(job_id=job_id)):
@@ -357,14 +449,20 @@ def _when(stamp: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    token = os.environ.get("BLIXARD_CLIENT_TOKEN") or None
+    setting = "BLIXCTL_ADDRESS"
+    if args.command in PARKED_COMMANDS:
+        setting, default = SERVICE_ADDRESSES[args.service]
+        args.address = args.address or os.environ.get(setting, default)
+        token = os.environ.get("BLIXARD_ADMIN_TOKEN") or token
     problem = address_problem(args.address)
     if problem is not None:
-        print(f"blixctl: --address / BLIXCTL_ADDRESS {args.address!r}: {problem}", file=sys.stderr)
+        print(f"blixctl: --address / {setting} {args.address!r}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    channel = open_channel(args.address, os.environ.get("BLIXARD_CLIENT_TOKEN") or None)
-    cli = Cli(pb_grpc.JobServiceStub(channel), args.json)
+    channel = open_channel(args.address, token)
+    cli = Cli(channel, args.json)
     try:
-        return int(getattr(cli, args.command)(args))
+        return int(getattr(cli, args.command.replace("-", "_"))(args))
     except UsageError as exc:
         print(f"blixctl: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,7 +12,7 @@ import grpc
 from services.common import telemetry
 from services.common.auth import BearerTokenInterceptor
 from services.common.errors import describe
-from services.common.outbox import Transient
+from services.common.outbox import Refused, Stalled, Transient
 from services.common.server import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
@@ -56,6 +56,51 @@ TRANSIENT_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+
+
+# A receiver answering one of these about a message says it can never apply as it is
+# (outbox messages so answered are parked after a few tries).
+REFUSED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+# ... and with one of these it refuses the caller itself (its token, its role, a method it
+# lacks): no message is to blame, they all wait for an operator.
+STALLED_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def delivery_error(
+    code: grpc.StatusCode | int, text: str, unknown: type[Exception] = RuntimeError
+) -> Exception:
+    """What a receiver's error (a status, or a google.rpc code of one item of a batch)
+    means for an outbox message: Transient (out of reach, try again), Stalled (the relay
+    is refused), Refused (this message cannot apply), else ``unknown`` (parked after
+    more tries)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    if code in TRANSIENT_CODES:
+        return Transient(text)
+    if code in STALLED_CODES:
+        return Stalled(text)
+    if code in REFUSED_CODES:
+        return Refused(text)
+    return unknown(text)
+
+
+def rpc_delivery_error(exc: grpc.RpcError) -> Exception:
+    """``delivery_error`` for a failed call."""
+    return delivery_error(exc.code(), str(describe(exc)))
 
 
 def call(method: grpc.UnaryUnaryMultiCallable, request: object, timeout: float) -> object:

@@ -15,6 +15,7 @@ from services.common.clock import Clock
 from services.common.db import refused_item, retry_conflicts
 from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
 from services.common.feed import ChangeFeed
+from services.common.outbox import ParkedMessages
 from services.jobs import domain
 from services.jobs.domain import (
     OUTPUT_CHUNK_BYTES,
@@ -62,6 +63,8 @@ class JobManager:
         self.cancel_timeout = cancel_timeout
         # Wakes output followers: new output, and any job change (a job that ends ends them).
         self.output_feed = ChangeFeed()
+        # The outbox messages to the queue the relay gave up on (the relay waits on feed).
+        self.parked = ParkedMessages(store.outbox, clock, self.feed)
 
     def _changed(self) -> None:
         self.feed.changed()

@@ -6,7 +6,7 @@ import grpc
 from blixard.queue.v1 import queue_service_pb2 as qpb
 from blixard.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
-from services.common.client import call, one_by_one
+from services.common.client import call, delivery_error, one_by_one, rpc_delivery_error
 from services.jobs import convert
 from services.jobs.domain import Job
 
@@ -14,7 +14,8 @@ CALL_TIMEOUT = 5.0
 
 
 class EnqueueRefused(Exception):
-    """The queue refused one job of a batch (it stays in the outbox, tried again later)."""
+    """The queue refused one job of a batch for a reason of no known kind (it stays in the
+    outbox, tried again later, parked after the relay's max_tries)."""
 
 
 def _enqueue_request(job: Job) -> qpb.EnqueueRequest:
@@ -31,7 +32,10 @@ class GrpcQueue:
         self._stub = qpb_grpc.QueueServiceStub(channel)
 
     def enqueue(self, job: Job) -> None:
-        call(self._stub.Enqueue, _enqueue_request(job), CALL_TIMEOUT)
+        try:
+            call(self._stub.Enqueue, _enqueue_request(job), CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise rpc_delivery_error(exc) from None
 
     def enqueue_many(self, jobs: list[Job]) -> list[Exception | None]:
         """One BatchEnqueue: for each job, None (enqueued, or already there) or why the
@@ -43,10 +47,12 @@ class GrpcQueue:
             )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
+                raise rpc_delivery_error(exc) from None
             return one_by_one(jobs, self.enqueue)
         return [
-            EnqueueRefused(f"{r.error.reason}: {r.error.message}") if r.HasField("error") else None
+            delivery_error(r.error.code, f"{r.error.reason}: {r.error.message}", EnqueueRefused)
+            if r.HasField("error")
+            else None
             for r in response.results
         ]
 
@@ -61,4 +67,4 @@ class GrpcQueue:
             # Nothing to cancel there (already ended; an older queue without cancels
             # ahead of their enqueue also says NOT_FOUND): done.
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
+                raise rpc_delivery_error(exc) from None

@@ -11,7 +11,7 @@ import grpc
 from blixard.jobs.v1 import jobs_service_pb2 as pb
 from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
-from services.common import paging, telemetry
+from services.common import paging, parked, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import (
@@ -41,6 +41,7 @@ POLICY: Policy = {
     # The worker sends the output of the jobs it runs.
     "AppendJobOutput": frozenset({Role.WORKER}),
     # UpdateJobStatus, BatchUpdateJobStatus: the queue's own calls, with the admin token.
+    # ListParkedMessages, RedriveParkedMessage, DeleteParkedMessage: operators (admin).
 }
 
 MAX_REQUEST_ID = 256
@@ -319,3 +320,36 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 return
             feed.wait(seen, WATCH_POLL_SECONDS)
             job = self.manager.get(request.job_id)
+
+    # ---- the outbox's parked messages (admin) ------------------------------------------
+
+    def ListParkedMessages(
+        self, request: pb.ListParkedMessagesRequest, context: grpc.ServicerContext
+    ) -> pb.ListParkedMessagesResponse:
+        problems = Problems()
+        page_size, after = parked.check_page(request, problems)
+        problems.raise_if_any()
+        found, last, total = self.manager.parked.page(page_size, after)
+        return pb.ListParkedMessagesResponse(
+            messages=[parked.message(p) for p in found],
+            next_page_token=parked.page_token(last),
+            total_parked=total,
+        )
+
+    def RedriveParkedMessage(
+        self, request: pb.RedriveParkedMessageRequest, context: grpc.ServicerContext
+    ) -> pb.RedriveParkedMessageResponse:
+        problems = Problems()
+        parked.check_id(request.id, problems)
+        problems.raise_if_any()
+        message = self.manager.parked.redrive(request.id)
+        return pb.RedriveParkedMessageResponse(message=parked.message(message))
+
+    def DeleteParkedMessage(
+        self, request: pb.DeleteParkedMessageRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteParkedMessageResponse:
+        problems = Problems()
+        parked.check_id(request.id, problems)
+        problems.raise_if_any()
+        message = self.manager.parked.delete(request.id)
+        return pb.DeleteParkedMessageResponse(message=parked.message(message))

@@ -17,6 +17,7 @@ from services.common.clock import Clock
 from services.common.combiner import Combiner
 from services.common.db import is_conflict, refused_item
 from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound, first_line
+from services.common.outbox import ParkedMessages
 from services.queue import domain
 from services.queue.cache import Entry, ItemCache
 from services.queue.domain import (
@@ -56,6 +57,8 @@ class Stats:
     oldest_waiting_age: float
     waiting_by_worker_types: dict[str, int]
     leases_expiring: int
+    parked_messages: int = 0  # reports the outbox relay gave up on
+    outbox_pending: int = 0  # reports still to deliver
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class QueueManager:
         self.store = store
         self.clock = clock
         self.policy = policy or RetryPolicy()
+        # The reports to jobs the outbox relay gave up on (the relay waits on reports).
+        self.parked = ParkedMessages(store.outbox, clock, store.reports)
         self.worker_timeout = worker_timeout
         # Workers offline for longer than this are deleted by the reaper (0: kept).
         self.worker_retention = worker_retention
@@ -911,6 +916,8 @@ class QueueManager:
             oldest_waiting_age=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
             waiting_by_worker_types=self.store.waiting_by_worker_types(),
             leases_expiring=self.store.leases_expiring(now + timedelta(seconds=expiring_within)),
+            parked_messages=self.store.outbox.parked_count(),
+            outbox_pending=self.store.outbox.pending(),
         )
 
     def list_items(

@@ -8,7 +8,7 @@ import grpc
 from blixard.queue.v1 import queue_service_pb2 as pb
 from blixard.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
-from services.common import paging, pbtime, telemetry
+from services.common import paging, parked, pbtime, telemetry
 from services.common.auth import Policy, Role
 from services.common.errors import BlixardError
 from services.common.jobspec import check_duration, check_labels, check_spec, check_worker_type
@@ -34,7 +34,8 @@ POLICY: Policy = {
     "GetStats": _READ,
     "ListItems": _READ,
     "ListWorkers": _READ,
-    # Enqueue, CancelItem, Redrive, DrainWorker: the jobs service and operators (admin).
+    # Enqueue, CancelItem, Redrive, DrainWorker, ListParkedMessages, RedriveParkedMessage,
+    # DeleteParkedMessage: the jobs service and operators (admin).
 }
 
 MAX_ITEMS = 256
@@ -281,6 +282,8 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             oldest_waiting_age=pbtime.duration(stats.oldest_waiting_age),
             waiting_by_worker_types=stats.waiting_by_worker_types,
             leases_expiring=stats.leases_expiring,
+            parked_messages=stats.parked_messages,
+            outbox_pending=stats.outbox_pending,
         )
 
     def ListItems(
@@ -340,3 +343,36 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         problems.raise_if_any()
         worker = self.manager.drain_worker(request.worker_id)
         return pb.DrainWorkerResponse(worker=convert.worker_message(worker))
+
+    # ---- the outbox's parked messages (admin) ------------------------------------------
+
+    def ListParkedMessages(
+        self, request: pb.ListParkedMessagesRequest, context: grpc.ServicerContext
+    ) -> pb.ListParkedMessagesResponse:
+        problems = Problems()
+        page_size, after = parked.check_page(request, problems)
+        problems.raise_if_any()
+        found, last, total = self.manager.parked.page(page_size, after)
+        return pb.ListParkedMessagesResponse(
+            messages=[parked.message(p) for p in found],
+            next_page_token=parked.page_token(last),
+            total_parked=total,
+        )
+
+    def RedriveParkedMessage(
+        self, request: pb.RedriveParkedMessageRequest, context: grpc.ServicerContext
+    ) -> pb.RedriveParkedMessageResponse:
+        problems = Problems()
+        parked.check_id(request.id, problems)
+        problems.raise_if_any()
+        message = self.manager.parked.redrive(request.id)
+        return pb.RedriveParkedMessageResponse(message=parked.message(message))
+
+    def DeleteParkedMessage(
+        self, request: pb.DeleteParkedMessageRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteParkedMessageResponse:
+        problems = Problems()
+        parked.check_id(request.id, problems)
+        problems.raise_if_any()
+        message = self.manager.parked.delete(request.id)
+        return pb.DeleteParkedMessageResponse(message=parked.message(message))
