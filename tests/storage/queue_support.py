@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from blixard.common.v1 import job_spec_pb2
 
 from services.common import db, migrations
@@ -29,7 +31,11 @@ def make_manager(
 
 
 def new(
-    job_id: str, priority: int = 0, worker_types: tuple[str, ...] = (), generation: int = 1
+    job_id: str,
+    priority: int = 0,
+    worker_types: tuple[str, ...] = (),
+    generation: int = 1,
+    run_at: datetime | None = None,
 ) -> NewItem:
     return NewItem(
         job_id=job_id,
@@ -37,7 +43,7 @@ def new(
         spec=job_spec_pb2.JobSpec(command=["true"]).SerializeToString(),
         priority=priority,
         max_attempts=0,
-        run_at=None,
+        run_at=run_at,
         worker_types=worker_types,
         labels={},
         trace_context={},

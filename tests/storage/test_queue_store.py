@@ -754,3 +754,35 @@ def test_a_restarted_queue_loads_its_items_from_the_store(database_url: str) -> 
 
     assert restarted.cache.view() == first.cache.view()
     assert [x.item.job_id for x in restarted.claim("w", "process", {}, 5, 30)] == ["a", "c"]
+
+
+def test_reconciles_keep_the_delayed_heap_to_one_entry_per_delayed_item(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    later = clock.now() + timedelta(hours=1)
+    manager.enqueue_many([new(f"later-{i}", run_at=later) for i in range(10)])
+    manager.enqueue(new("now"))
+
+    for _ in range(500):  # the reaper reconciles every 30 s: this is about four hours
+        manager.reconcile()
+
+    assert manager.cache.delayed_size() == 10
+    assert [lease.item.job_id for lease in manager.claim("w", "process", {}, 20, 30)] == ["now"]
+    clock.advance(3601)
+    leases = manager.claim("w", "process", {}, 20, 30)
+    assert sorted(lease.item.job_id for lease in leases) == [f"later-{i}" for i in range(10)]
+    assert manager.cache.delayed_size() == 0
+
+
+def test_delayed_items_that_end_early_leave_no_heap_entries_behind(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    later = clock.now() + timedelta(days=1)
+    manager.enqueue(new("kept", run_at=later))
+    for i in range(300):  # scheduled for tomorrow, cancelled today
+        manager.enqueue(new(f"cancelled-{i}", run_at=later))
+        manager.cancel(f"cancelled-{i}", 0)
+
+    assert manager.cache.delayed_size() <= 2 * 1 + 64
+    clock.advance(86_401)
+    assert [lease.item.job_id for lease in manager.claim("w", "process", {}, 5, 30)] == ["kept"]
