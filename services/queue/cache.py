@@ -161,10 +161,22 @@ class ItemCache:
         with self._lock:
             return set(self._entries)
 
-    def forget(self, job_id: str) -> None:
-        """The store has no such item (any more)."""
+    def version(self, job_id: str) -> int | None:
+        """The committed version the cache holds of ``job_id`` (None: none)."""
         with self._lock:
-            self._unindex(self._entries.pop(job_id, None))
+            entry = self._entries.get(job_id)
+            return None if entry is None else entry.version
+
+    def forget(self, job_id: str, seen: int | None) -> None:
+        """The store had no such item when read; ``seen`` is the version the cache held
+        before that read (None: none). An entry committed after the read stands: the
+        store read before its write."""
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or seen is None or entry.version > seen:
+                return
+            del self._entries[job_id]
+            self._unindex(entry)
             self._unqueue(job_id, None)
 
     # ---- the claim transaction --------------------------------------------------------

@@ -786,3 +786,28 @@ def test_delayed_items_that_end_early_leave_no_heap_entries_behind(database_url:
     assert manager.cache.delayed_size() <= 2 * 1 + 64
     clock.advance(86_401)
     assert [lease.item.job_id for lease in manager.claim("w", "process", {}, 5, 30)] == ["kept"]
+
+
+def test_a_read_back_that_found_nothing_keeps_an_item_committed_meanwhile(
+    database_url: str,
+) -> None:
+    """A failed write reads its items back; one that was not there yet may be enqueued by
+    another call between that read and the cache's update: it must stay claimable."""
+    manager = make_manager(database_url)
+    manager.enqueue(new("other"))
+    read = manager.store.get
+
+    def read_then_enqueued_meanwhile(job_id: str):  # type: ignore[no-untyped-def]
+        found = read(job_id)
+        manager.store.get = read  # type: ignore[method-assign]
+        manager.enqueue(new(job_id))
+        return found
+
+    manager.store.get = read_then_enqueued_meanwhile  # type: ignore[method-assign]
+    manager.refresh(["late"])
+
+    assert manager.cache.view() == {
+        job_id: (ItemState.WAITING, manager.get(job_id).version) for job_id in ("late", "other")
+    }
+    leases = manager.claim("w", "process", {}, 5, 30)
+    assert sorted(lease.item.job_id for lease in leases) == ["late", "other"]
