@@ -20,11 +20,15 @@ def make_manager(
     faults: Fault = no_faults,
     max_attempts: int = 2,
     worker_timeout: float = 30.0,
+    backoff: float = 0.0,
 ) -> QueueManager:
-    """A queue manager on the database at ``url``, migrated; retries without waiting."""
+    """A queue manager on the database at ``url``, migrated; retries wait ``backoff``
+    seconds at most (by default they do not wait)."""
     engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
     migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
-    policy = RetryPolicy(default_max_attempts=max_attempts, base_seconds=0.0, cap_seconds=0.0)
+    policy = RetryPolicy(
+        default_max_attempts=max_attempts, base_seconds=backoff, cap_seconds=backoff
+    )
     return QueueManager(
         QueueStore(engine, faults), clock or Clock(), policy=policy, worker_timeout=worker_timeout
     )
@@ -68,3 +72,17 @@ class SteppedClock(Clock):
 
     def monotonic(self) -> float:
         return super().monotonic() + self.elapsed
+
+
+class ManualClock(Clock):
+    """A clock that stands still until the test moves it (both clocks at once), so which
+    items are due never depends on how fast the test runs."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.wall = start
+        self.mono = 1_000.0
+        super().__init__(wall=lambda: self.wall, monotonic=lambda: self.mono)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
