@@ -21,11 +21,13 @@ def make_manager(
     max_attempts: int = 2,
     worker_timeout: float = 30.0,
     backoff: float = 0.0,
+    migrate: bool = True,
 ) -> QueueManager:
-    """A queue manager on the database at ``url``, migrated; retries wait ``backoff``
-    seconds at most (by default they do not wait)."""
+    """A queue manager on the database at ``url``, migrated (unless another one did
+    already); retries wait ``backoff`` seconds at most (by default they do not wait)."""
     engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
-    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+    if migrate:
+        migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
     policy = RetryPolicy(
         default_max_attempts=max_attempts, base_seconds=backoff, cap_seconds=backoff
     )
@@ -40,6 +42,7 @@ def new(
     worker_types: tuple[str, ...] = (),
     generation: int = 1,
     run_at: datetime | None = None,
+    labels: dict[str, str] | None = None,
 ) -> NewItem:
     return NewItem(
         job_id=job_id,
@@ -49,7 +52,7 @@ def new(
         max_attempts=0,
         run_at=run_at,
         worker_types=worker_types,
-        labels={},
+        labels=labels or {},
         trace_context={},
     )
 

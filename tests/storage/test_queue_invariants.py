@@ -41,9 +41,29 @@ FAULT_POINTS = ("before_write", "after_write", "commit", "after_commit")
 MID_BATCH = ("write-2", "write-3")
 # Half the steps fail at one of them; the others succeed, so the queue gets somewhere.
 FAULTS = st.sampled_from((None,) * (len(FAULT_POINTS) + len(MID_BATCH)) + FAULT_POINTS + MID_BATCH)
-REPLICA = st.sampled_from((0, 1))
+# Mostly the first replica, so that its cache is often the store's (and its claims can be
+# held to taking every item that is due); the second one's changes make it stale.
+REPLICA = st.sampled_from((0, 0, 1))
 DELAYS = st.sampled_from((None, None, 5.0, 60.0))  # run_at now, or in the future
 BACKOFF = 10.0  # a failed attempt waits 5-10 s for its retry
+# The worker types an item accepts (none: any) and the labels it requires.
+KINDS = st.sampled_from(
+    (
+        ((), {}),
+        ((), {}),
+        (("vm",), {}),
+        (("process", "vm"), {}),
+        ((), {"gpu": "yes"}),
+        (("vm",), {"gpu": "yes"}),
+    )
+)
+# The workers: (id, type, labels, named_only: takes only items that name its type).
+WORKERS = (
+    ("w-0", "process", {}, False),
+    ("w-1", "vm", {"gpu": "yes"}, False),
+    ("w-2", "vm", {}, True),
+)
+WORKER = st.sampled_from(range(len(WORKERS)))
 
 
 class InjectedFault(Exception):
@@ -115,7 +135,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.url = self.database_url()
         self.clock = ManualClock()
         self.faults = Faults()
-        self.replicas = [self._replica(), self._replica()]
+        self.replicas = [self._replica(migrate=True), self._replica()]
         self.dirty: list[set[str]] = [set(), set()]
         self.next_id = 0
         self.tokens: dict[str, str] = {}  # token -> job id, every token ever handed out
@@ -124,8 +144,8 @@ class QueueMachine(RuleBasedStateMachine):
     def database_url(self) -> str:
         return f"sqlite:///{Path(self.dir.name)}/q.sqlite3"
 
-    def _replica(self) -> QueueManager:
-        manager = make_manager(self.url, self.clock, self.faults, backoff=BACKOFF)
+    def _replica(self, migrate: bool = False) -> QueueManager:
+        manager = make_manager(self.url, self.clock, self.faults, backoff=BACKOFF, migrate=migrate)
         event.listen(manager.store.engine, "before_cursor_execute", self.faults.statement)
         return manager
 
@@ -204,21 +224,43 @@ class QueueMachine(RuleBasedStateMachine):
 
     # ---- enqueue ----------------------------------------------------------------------
 
-    @rule(r=REPLICA, priority=st.integers(-2, 2), delay=DELAYS, fault=FAULTS)
-    def enqueue(self, r: int, priority: int, delay: float | None, fault: str | None) -> None:
-        item = new(self._new_id(), priority, run_at=self._run_at(delay))
+    @rule(r=REPLICA, priority=st.integers(-2, 2), kind=KINDS, delay=DELAYS, fault=FAULTS)
+    def enqueue(
+        self,
+        r: int,
+        priority: int,
+        kind: tuple[tuple[str, ...], dict[str, str]],
+        delay: float | None,
+        fault: str | None,
+    ) -> None:
+        types, labels = kind
+        item = new(self._new_id(), priority, types, run_at=self._run_at(delay), labels=labels)
         self._attempt(r, lambda: self.replicas[r].enqueue(item), fault)
 
     @precondition(lambda self: self._ids())
-    @rule(r=REPLICA, data=st.data(), delay=DELAYS, fault=FAULTS)
+    @rule(r=REPLICA, data=st.data(), kind=KINDS, delay=DELAYS, fault=FAULTS)
     def enqueue_again(
-        self, r: int, data: st.DataObject, delay: float | None, fault: str | None
+        self,
+        r: int,
+        data: st.DataObject,
+        kind: tuple[tuple[str, ...], dict[str, str]],
+        delay: float | None,
+        fault: str | None,
     ) -> None:
+        """The same generation again (a no-op), or a new one (RetryJob), perhaps of
+        another kind (its index entry moves)."""
         job_id = data.draw(st.sampled_from(self._ids()))
         item = self.replicas[r].store.get(job_id)
         assert item is not None
-        bump = data.draw(st.sampled_from((0, 1)))  # the same generation, or a RetryJob
-        again = new(job_id, generation=item.generation + bump, run_at=self._run_at(delay))
+        bump = data.draw(st.sampled_from((0, 1)))
+        types, labels = kind
+        again = new(
+            job_id,
+            worker_types=types,
+            generation=item.generation + bump,
+            run_at=self._run_at(delay),
+            labels=labels,
+        )
         self._attempt(r, lambda: self.replicas[r].enqueue(again), fault)
 
     @rule(r=REPLICA, data=st.data(), fresh=st.integers(1, 3), delay=DELAYS, fault=FAULTS)
@@ -239,28 +281,56 @@ class QueueMachine(RuleBasedStateMachine):
 
     # ---- claims -----------------------------------------------------------------------
 
-    @rule(r=REPLICA, max_items=st.integers(1, 4), fault=FAULTS)
-    def claim(self, r: int, max_items: int, fault: str | None) -> None:
+    def _drained(self, worker_id: str) -> bool:
+        return any(w.drained for w in self.replicas[0].store.workers() if w.worker_id == worker_id)
+
+    @rule(r=REPLICA, w=WORKER, max_items=st.integers(1, 4), fault=FAULTS)
+    def claim(self, r: int, w: int, max_items: int, fault: str | None) -> None:
+        self._claim(r, w, max_items, fault)
+
+    def _claim(self, r: int, w: int, max_items: int, fault: str | None) -> None:
         manager = self.replicas[r]
-        due = len(manager.store.waiting("process", self.clock.now(), 1000))
+        worker_id, worker_type, labels, named_only = WORKERS[w]
+        now = self.clock.now()
+        due = len(manager.store.waiting(worker_type, now, 1000, named_only, carried=labels))
+        drained = self._drained(worker_id)
+        # What this replica last wrote of the worker: it trusts that for a while (a
+        # drain made elsewhere it reads in the claim's transaction; a registration made
+        # elsewhere that ended a drain, not before that while is over).
+        remembered = manager._seen_workers.get(worker_id)
+        stale = remembered is not None and remembered[1].drained != drained
         clean = not self.dirty[r]
         leases = self._attempt(
-            r, lambda: manager.claim(f"w-{r}", "process", {}, max_items, 30.0), fault
+            r,
+            lambda: manager.claim(
+                worker_id, worker_type, labels, max_items, 30.0, named_only=named_only
+            ),
+            fault,
         )
         self._leased(leases)
-        if fault is None and clean:
+        for lease in leases or []:  # only what this worker may take
+            types = lease.item.worker_types
+            assert worker_type in types or not (types or named_only)
+            assert all(labels.get(k) == v for k, v in lease.item.labels.items())
+        if fault is None and clean and not stale:
             # A replica whose cache is the store's misses no item that is due (a
             # delayed one whose time came, a retry after its backoff) and offers none
-            # that is not.
-            assert leases is not None and len(leases) == min(max_items, due)
+            # that is not; a drained worker gets nothing.
+            assert leases is not None
+            assert len(leases) == (0 if drained else min(max_items, due))
 
-    @rule(r=REPLICA, sizes=st.lists(st.integers(1, 3), min_size=2, max_size=3), fault=FAULTS)
-    def claim_together(self, r: int, sizes: list[int], fault: str | None) -> None:
-        """Claims that share one store transaction (the group commit of claims)."""
+    @rule(
+        r=REPLICA,
+        claims=st.lists(st.tuples(WORKER, st.integers(1, 3)), min_size=2, max_size=3),
+        fault=FAULTS,
+    )
+    def claim_together(self, r: int, claims: list[tuple[int, int]], fault: str | None) -> None:
+        """Claims that share one store transaction (the group commit of claims), perhaps
+        of a drained worker among them."""
         manager = self.replicas[r]
         claims = [
-            _ClaimArgs(f"w-{r}-{n}", "process", {}, size, 30.0, False)
-            for n, size in enumerate(sizes)
+            _ClaimArgs(*WORKERS[w][:3], size, 30.0, WORKERS[w][3])  # type: ignore[misc]
+            for w, size in claims
         ]
         results = self._attempt(r, lambda: manager._claim_batch(claims), fault)
         for leases, _ in results or []:
@@ -325,6 +395,21 @@ class QueueMachine(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from(self._ids()))
         self._attempt(r, lambda: self.replicas[r].cancel(job_id, 0), fault)
 
+    @rule(r=REPLICA, w=WORKER, fault=FAULTS)
+    def drain(self, r: int, w: int, fault: str | None) -> None:
+        worker_id, worker_type, labels, _ = WORKERS[w]
+        manager = self.replicas[r]
+        if not any(x.worker_id == worker_id for x in manager.store.workers()):
+            manager.register_worker(worker_id, worker_type, labels, 4)
+        self._attempt(r, lambda: manager.drain_worker(worker_id), fault)
+
+    @rule(r=REPLICA, w=WORKER, fault=FAULTS)
+    def register(self, r: int, w: int, fault: str | None) -> None:
+        """The worker (re)starts: registering ends a drain."""
+        worker_id, worker_type, labels, _ = WORKERS[w]
+        manager = self.replicas[r]
+        self._attempt(r, lambda: manager.register_worker(worker_id, worker_type, labels, 4), fault)
+
     @precondition(lambda self: self._in_state("DEAD_LETTERED"))
     @rule(r=REPLICA, data=st.data(), fault=FAULTS)
     def redrive(self, r: int, data: st.DataObject, fault: str | None) -> None:
@@ -341,8 +426,10 @@ class QueueMachine(RuleBasedStateMachine):
         self.clock.advance(31.0)  # every lease handed out here so far runs out
         self._attempt(r, self.replicas[r].reap, fault)
 
-    @rule(r=REPLICA)
-    def reconcile(self, r: int) -> None:
+    @rule(r=REPLICA, then=st.none() | st.tuples(WORKER, st.integers(1, 4)))
+    def reconcile(self, r: int, then: tuple[int, int] | None) -> None:
+        """The replica reconciles (its cache is the store's after), and perhaps claims
+        at once (it takes every item due, up to what it asked for)."""
         manager = self.replicas[r]
         manager.reconcile()
         store = live_view_of_store(manager)
@@ -350,6 +437,8 @@ class QueueMachine(RuleBasedStateMachine):
         waiting = {job_id for job_id, (state, _) in store.items() if state is ItemState.WAITING}
         assert manager.cache.claimable() == waiting
         self.dirty[r].clear()
+        if then is not None:
+            self._claim(r, *then, fault=None)
 
     @rule(r=REPLICA)
     def restart(self, r: int) -> None:
@@ -386,10 +475,9 @@ class QueueMachine(RuleBasedStateMachine):
         assert len(live) == len(set(live))
         # only the newest token of an item is honoured: every older one is refused
         for token, job_id in self.tokens.items():
-            if snapshot[job_id][2] != token:
-                for manager in self.replicas:
-                    with pytest.raises(BlixardError):
-                        manager.heartbeat(token, None)
+            if snapshot[job_id][2] != token:  # (the store judges, for either replica)
+                with pytest.raises(BlixardError):
+                    self.replicas[0].heartbeat(token, None)
 
     @invariant()
     def completes_at_most_once(self) -> None:
