@@ -104,7 +104,13 @@ class ItemCache:
         self._entries: dict[str, Entry] = {}  # every live item, committed state
         # worker type -> required labels -> keys of claimable items (no empty parts)
         self._ready: dict[str, dict[LabelSet, SortedList]] = {}
-        self._delayed: list[tuple[float, str, int]] = []  # (run_at, job_id, version)
+        # Items whose run_at is still to come: a heap of (run_at, job_id, version), and the
+        # one current heap entry of each item (its run_at and version). Entries of items
+        # that changed or ended since are stale: skipped when they come up, and dropped all
+        # at once when they outnumber the current ones (the heap stays proportional to the
+        # live delayed items, however often the same item is indexed again).
+        self._delayed: list[tuple[float, str, int]] = []
+        self._queued: dict[str, tuple[float, int]] = {}
         self._staged: dict[str, Entry] = {}  # taken by claims in flight
         self._now = 0.0  # the latest time seen (claims, enqueues): it never goes back
         # The versions at which recent items ended, so a write applied late (a thread
@@ -122,7 +128,9 @@ class ItemCache:
         with self._lock:
             self._now = max(self._now, now)
             for entry in entries:
+                self._unindex(self._entries.get(entry.job_id))
                 self._entries[entry.job_id] = entry
+                self._unqueue(entry.job_id, entry)
                 self._index(entry)
 
     def apply(self, item: Item) -> None:
@@ -138,10 +146,12 @@ class ItemCache:
             if item.state.live:
                 entry = Entry.of(item)
                 self._entries[item.job_id] = entry
+                self._unqueue(item.job_id, entry)
                 if item.job_id not in self._staged:
                     self._index(entry)
             else:
                 self._entries.pop(item.job_id, None)
+                self._unqueue(item.job_id, None)
                 self._ended[item.job_id] = item.version
                 self._ended.move_to_end(item.job_id)
                 if len(self._ended) > ENDED_MEMORY:
@@ -151,10 +161,23 @@ class ItemCache:
         with self._lock:
             return set(self._entries)
 
-    def forget(self, job_id: str) -> None:
-        """The store has no such item (any more)."""
+    def version(self, job_id: str) -> int | None:
+        """The committed version the cache holds of ``job_id`` (None: none)."""
         with self._lock:
-            self._unindex(self._entries.pop(job_id, None))
+            entry = self._entries.get(job_id)
+            return None if entry is None else entry.version
+
+    def forget(self, job_id: str, seen: int | None) -> None:
+        """The store had no such item when read; ``seen`` is the version the cache held
+        before that read (None: none). An entry committed after the read stands: the
+        store read before its write."""
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or seen is None or entry.version > seen:
+                return
+            del self._entries[job_id]
+            self._unindex(entry)
+            self._unqueue(job_id, None)
 
     # ---- the claim transaction --------------------------------------------------------
 
@@ -206,14 +229,7 @@ class ItemCache:
         index and the current entries in the delayed heap."""
         with self._lock:
             ready = {key[2] for keys in self._parts() for key in keys}
-            delayed = {
-                job_id
-                for _, job_id, version in self._delayed
-                if (entry := self._entries.get(job_id)) is not None
-                and entry.version == version
-                and entry.state is ItemState.WAITING
-            }
-            return ready | delayed
+            return ready | set(self._queued)
 
     def ready_kind(self, kind: Kind, now: float) -> tuple[Kind, int] | None:
         """Whether the index parts an item of ``kind`` goes in (one per worker type it
@@ -249,6 +265,11 @@ class ItemCache:
         with self._lock:
             return max((entry.seq for entry in self._entries.values()), default=0)
 
+    def delayed_size(self) -> int:
+        """Entries in the delayed heap, stale ones included (what it costs in memory)."""
+        with self._lock:
+            return len(self._delayed)
+
     def staged_count(self) -> int:
         with self._lock:
             return len(self._staged)
@@ -277,9 +298,34 @@ class ItemCache:
         if entry.state is not ItemState.WAITING:
             return
         if entry.run_at > self._now:
-            heapq.heappush(self._delayed, (entry.run_at, entry.job_id, entry.version))
+            mark = (entry.run_at, entry.version)
+            if self._queued.get(entry.job_id) != mark:  # else it is in the heap already
+                self._queued[entry.job_id] = mark
+                heapq.heappush(self._delayed, (entry.run_at, entry.job_id, entry.version))
+                self._compact()
             return
         self._make_ready(entry)
+
+    def _unqueue(self, job_id: str, entry: Entry | None) -> None:
+        """``job_id``'s committed entry is now ``entry`` (None: gone): a heap entry for
+        another version or run_at is stale from now on."""
+        mark = self._queued.get(job_id)
+        if mark is None:
+            return
+        if (
+            entry is None
+            or entry.state is not ItemState.WAITING
+            or mark != (entry.run_at, entry.version)
+        ):
+            del self._queued[job_id]
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the current entries once stale ones outnumber them (so
+        each rebuild is paid for by as many changes as the heap holds)."""
+        if len(self._delayed) > 2 * len(self._queued) + 64:
+            self._delayed = [(r, job_id, v) for job_id, (r, v) in self._queued.items()]
+            heapq.heapify(self._delayed)
 
     def _make_ready(self, entry: Entry) -> None:
         for worker_type in entry.worker_types or (ANY,):
@@ -309,12 +355,10 @@ class ItemCache:
         due by the last claim's time go straight to the index; later ones wait here."""
         self._now = max(self._now, now)
         while self._delayed and self._delayed[0][0] <= self._now:
-            _, job_id, version = heapq.heappop(self._delayed)
+            run_at, job_id, version = heapq.heappop(self._delayed)
+            if self._queued.get(job_id) != (run_at, version):
+                continue  # stale: the item changed or ended since
+            del self._queued[job_id]
             entry = self._entries.get(job_id)
-            if (
-                entry is not None
-                and entry.version == version
-                and entry.state is ItemState.WAITING
-                and job_id not in self._staged
-            ):
+            if entry is not None and job_id not in self._staged:
                 self._make_ready(entry)

@@ -172,13 +172,14 @@ class QueueManager:
     def refresh(self, job_ids: list[str]) -> None:
         """Make the cache's view of these items the store's, if the store can be read."""
         for job_id in job_ids:
+            seen = self.cache.version(job_id)  # before the read: what is applied after stands
             try:
                 item = self.store.get(job_id)
             except Exception:
                 log.warning("cannot read item %s back from the store", job_id, exc_info=True)
                 continue
             if item is None:
-                self.cache.forget(job_id)
+                self.cache.forget(job_id, seen)
             else:
                 self.cache.apply(item)
 

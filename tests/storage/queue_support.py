@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from blixard.common.v1 import job_spec_pb2
 
 from services.common import db, migrations
@@ -18,18 +20,29 @@ def make_manager(
     faults: Fault = no_faults,
     max_attempts: int = 2,
     worker_timeout: float = 30.0,
+    backoff: float = 0.0,
+    migrate: bool = True,
 ) -> QueueManager:
-    """A queue manager on the database at ``url``, migrated; retries without waiting."""
+    """A queue manager on the database at ``url``, migrated (unless another one did
+    already); retries wait ``backoff`` seconds at most (by default they do not wait)."""
     engine = db.make_engine(url, setting="QUEUE_DATABASE_URL")
-    migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
-    policy = RetryPolicy(default_max_attempts=max_attempts, base_seconds=0.0, cap_seconds=0.0)
+    if migrate:
+        migrations.upgrade(engine, MIGRATIONS, "queue_alembic_version", "QUEUE_DATABASE_URL")
+    policy = RetryPolicy(
+        default_max_attempts=max_attempts, base_seconds=backoff, cap_seconds=backoff
+    )
     return QueueManager(
         QueueStore(engine, faults), clock or Clock(), policy=policy, worker_timeout=worker_timeout
     )
 
 
 def new(
-    job_id: str, priority: int = 0, worker_types: tuple[str, ...] = (), generation: int = 1
+    job_id: str,
+    priority: int = 0,
+    worker_types: tuple[str, ...] = (),
+    generation: int = 1,
+    run_at: datetime | None = None,
+    labels: dict[str, str] | None = None,
 ) -> NewItem:
     return NewItem(
         job_id=job_id,
@@ -37,9 +50,9 @@ def new(
         spec=job_spec_pb2.JobSpec(command=["true"]).SerializeToString(),
         priority=priority,
         max_attempts=0,
-        run_at=None,
+        run_at=run_at,
         worker_types=worker_types,
-        labels={},
+        labels=labels or {},
         trace_context={},
     )
 
@@ -62,3 +75,17 @@ class SteppedClock(Clock):
 
     def monotonic(self) -> float:
         return super().monotonic() + self.elapsed
+
+
+class ManualClock(Clock):
+    """A clock that stands still until the test moves it (both clocks at once), so which
+    items are due never depends on how fast the test runs."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.wall = start
+        self.mono = 1_000.0
+        super().__init__(wall=lambda: self.wall, monotonic=lambda: self.mono)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds

@@ -754,3 +754,60 @@ def test_a_restarted_queue_loads_its_items_from_the_store(database_url: str) -> 
 
     assert restarted.cache.view() == first.cache.view()
     assert [x.item.job_id for x in restarted.claim("w", "process", {}, 5, 30)] == ["a", "c"]
+
+
+def test_reconciles_keep_the_delayed_heap_to_one_entry_per_delayed_item(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    later = clock.now() + timedelta(hours=1)
+    manager.enqueue_many([new(f"later-{i}", run_at=later) for i in range(10)])
+    manager.enqueue(new("now"))
+
+    for _ in range(500):  # the reaper reconciles every 30 s: this is about four hours
+        manager.reconcile()
+
+    assert manager.cache.delayed_size() == 10
+    assert [lease.item.job_id for lease in manager.claim("w", "process", {}, 20, 30)] == ["now"]
+    clock.advance(3601)
+    leases = manager.claim("w", "process", {}, 20, 30)
+    assert sorted(lease.item.job_id for lease in leases) == [f"later-{i}" for i in range(10)]
+    assert manager.cache.delayed_size() == 0
+
+
+def test_delayed_items_that_end_early_leave_no_heap_entries_behind(database_url: str) -> None:
+    clock = SteppedClock()
+    manager = make_manager(database_url, clock)
+    later = clock.now() + timedelta(days=1)
+    manager.enqueue(new("kept", run_at=later))
+    for i in range(300):  # scheduled for tomorrow, cancelled today
+        manager.enqueue(new(f"cancelled-{i}", run_at=later))
+        manager.cancel(f"cancelled-{i}", 0)
+
+    assert manager.cache.delayed_size() <= 2 * 1 + 64
+    clock.advance(86_401)
+    assert [lease.item.job_id for lease in manager.claim("w", "process", {}, 5, 30)] == ["kept"]
+
+
+def test_a_read_back_that_found_nothing_keeps_an_item_committed_meanwhile(
+    database_url: str,
+) -> None:
+    """A failed write reads its items back; one that was not there yet may be enqueued by
+    another call between that read and the cache's update: it must stay claimable."""
+    manager = make_manager(database_url)
+    manager.enqueue(new("other"))
+    read = manager.store.get
+
+    def read_then_enqueued_meanwhile(job_id: str):  # type: ignore[no-untyped-def]
+        found = read(job_id)
+        manager.store.get = read  # type: ignore[method-assign]
+        manager.enqueue(new(job_id))
+        return found
+
+    manager.store.get = read_then_enqueued_meanwhile  # type: ignore[method-assign]
+    manager.refresh(["late"])
+
+    assert manager.cache.view() == {
+        job_id: (ItemState.WAITING, manager.get(job_id).version) for job_id in ("late", "other")
+    }
+    leases = manager.claim("w", "process", {}, 5, 30)
+    assert sorted(lease.item.job_id for lease in leases) == ["late", "other"]

@@ -217,3 +217,21 @@ def test_ready_kind_says_which_parts_hold_claimable_items_of_a_kind() -> None:
     cache.load(both)
     # In both types' parts: either type's workers can take them; two items, not four.
     assert cache.ready_kind((("vm", "process"), zone), NOW) == ((("vm", "process"), zone), 2)
+
+
+def test_the_delayed_heap_holds_one_entry_per_delayed_item_however_it_churns() -> None:
+    cache = ItemCache()
+    cache.stage_claim("process", {}, 1, NOW)  # the cache has seen time NOW
+    later = T0 + timedelta(hours=1)
+    for _ in range(100):  # the same committed items again and again (reconciles)
+        cache.load([item(f"d-{i}", seq=i, run_at=later) for i in range(5)])
+    assert cache.delayed_size() == 5
+    for version in range(2, 400):  # one item changes while it waits (each a new entry)
+        cache.apply(item("d-0", seq=0, run_at=later + timedelta(seconds=version), version=version))
+    for i in range(1, 5):  # the others end before their time
+        cache.apply(item(f"d-{i}", version=2, state=ItemState.CANCELLED))
+    assert cache.delayed_size() <= 2 * 1 + 64
+    assert cache.claimable() == {"d-0"}
+    assert claim_ids(cache, 5) == []
+    far = (later + timedelta(hours=1)).timestamp()
+    assert [e.job_id for e in cache.stage_claim("process", {}, 5, far)] == ["d-0"]
