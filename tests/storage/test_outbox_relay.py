@@ -381,15 +381,19 @@ def test_a_batch_call_that_fails_blames_only_the_message_that_fails_alone(
 # ---- two relays on one PostgreSQL database ---------------------------------------------
 
 
+# Several relays share one database on PostgreSQL only (SQLite: one process per file).
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
 @pytest.fixture
 def replicas(engine: Engine) -> tuple[SqlOutbox, SqlOutbox]:
     """Two outboxes on one table, as two replicas of a service have (each its engine)."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("several relays on one database: PostgreSQL only")
+    assert engine.dialect.name == "postgresql"
     other = db.make_engine(engine.url.render_as_string(hide_password=False), setting="X")
     return SqlOutbox(engine, OutboxRow), SqlOutbox(other, OutboxRow)
 
 
+@ON_POSTGRESQL
 def test_two_relays_never_deliver_the_same_row(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -421,6 +425,7 @@ def test_two_relays_never_deliver_the_same_row(
     assert first.pending() == 0
 
 
+@ON_POSTGRESQL
 def test_a_claimed_message_holds_back_its_key_on_the_other_relay(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -438,6 +443,7 @@ def test_a_claimed_message_holds_back_its_key_on_the_other_relay(
     assert [m.payload["n"] for m in second.due(Clock().now(), 100)] == [3]  # not x's second
 
 
+@ON_POSTGRESQL
 def test_a_claim_under_way_holds_back_its_keys_on_the_other_relay(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -469,6 +475,7 @@ def test_a_claim_under_way_holds_back_its_keys_on_the_other_relay(
     assert claimed == [[3]]  # z's only: x's second waits behind a's claim
 
 
+@ON_POSTGRESQL
 def test_a_relay_that_claimed_and_died_lets_the_other_deliver_after_the_lease(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -495,6 +502,7 @@ def test_a_relay_that_claimed_and_died_lets_the_other_deliver_after_the_lease(
     assert delivered == [3, 4, 0, 1, 2] and second.pending() == 0
 
 
+@ON_POSTGRESQL
 def test_two_running_relays_deliver_each_row_once_and_each_key_in_order(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
@@ -534,6 +542,7 @@ def test_two_running_relays_deliver_each_row_once_and_each_key_in_order(
         assert numbers == sorted(numbers), key
 
 
+@ON_POSTGRESQL
 def test_a_relay_that_stops_releases_its_claims(
     engine: Engine, replicas: tuple[SqlOutbox, SqlOutbox]
 ) -> None:
