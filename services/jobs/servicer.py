@@ -22,8 +22,9 @@ from services.common.jobspec import (
 )
 from services.common.output import sent_bytes
 from services.common.server import WaitSlots
-from services.common.validation import Problems, check_each
+from services.common.validation import BatchCheck, Problems, check_each
 from services.jobs import convert
+from services.jobs.domain import Job, Submission
 from services.jobs.manager import JobManager
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -31,6 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 _CLIENT = frozenset({Role.CLIENT})
 POLICY: Policy = {
     "SubmitJob": _CLIENT,
+    "BatchSubmitJobs": _CLIENT,
     "GetJob": _CLIENT,
     "ListJobs": _CLIENT,
     "CancelJob": _CLIENT,
@@ -54,6 +56,37 @@ MAX_OUTPUT_OFFSET = 2**62
 
 
 MAX_STATUS_BATCH = 500
+MAX_SUBMIT_BATCH = 1000
+
+
+def _check_submit(request: pb.SubmitJobRequest, prefix: str, problems: Problems) -> None:
+    """SubmitJob's checks, for one request of a batch (fields named ``prefix`` + field)."""
+    problems.check(
+        len(request.request_id) <= MAX_REQUEST_ID,
+        f"{prefix}request_id",
+        f"at most {MAX_REQUEST_ID} characters",
+    )
+    if problems.check(request.HasField("spec"), f"{prefix}spec", "required"):
+        check_spec(request.spec, f"{prefix}spec", problems)
+
+
+def _submit_result(result: tuple[Job, bool] | BlixardError) -> pb.BatchSubmitJobsResult:
+    if isinstance(result, BlixardError):
+        violations = getattr(result, "violations", [])
+        return pb.BatchSubmitJobsResult(
+            error=pb.BatchSubmitJobsError(
+                code=result.code.value[0],
+                reason=result.reason,
+                message=result.message,
+                field_violations=[pb.FieldViolation(field=f, description=d) for f, d in violations],
+                metadata=result.metadata,
+            )
+        )
+    return pb.BatchSubmitJobsResult(
+        response=pb.SubmitJobResponse(job=convert.job_message(result[0]))
+    )
+
+
 MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
 
 
@@ -133,6 +166,36 @@ class JobServicer(pb_grpc.JobServiceServicer):
             convert.spec_index(request.spec),
         )
         return pb.SubmitJobResponse(job=convert.job_message(job))
+
+    def BatchSubmitJobs(
+        self, request: pb.BatchSubmitJobsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchSubmitJobsResponse:
+        size = Problems()
+        size.check(
+            len(request.requests) <= MAX_SUBMIT_BATCH, "requests", f"at most {MAX_SUBMIT_BATCH}"
+        )
+        size.raise_if_any()
+        valid: list[Submission] = []
+        refused = {}
+        for i, one in enumerate(request.requests):
+            problems = Problems()
+            _check_submit(one, f"requests[{i}].", problems)
+            error = problems.error()
+            if error is not None:
+                refused[i] = error
+                continue
+            valid.append(
+                Submission(
+                    one.request_id or None,
+                    convert.spec_json(one.spec),
+                    convert.spec_index(one.spec),
+                )
+            )
+        batch = BatchCheck(valid, refused, len(request.requests))
+        results = batch.merge(
+            self.manager.submit_many(batch.valid, telemetry.current_context_carrier())
+        )
+        return pb.BatchSubmitJobsResponse(results=[_submit_result(r) for r in results])
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         problems = Problems()
