@@ -128,8 +128,12 @@ class Transaction:
         if not new:
             return set()
         connection = self.session.connection()
+        # In request_id order: two batches taking the same request_ids wait for each other
+        # in one order, never in a deadlock.
+        ordered = sorted(new, key=lambda entry: entry[0].request_id or "")
         rows = [
-            {**_values(job), "worker_types": join_tags(index.worker_types)} for job, index in new
+            {**_values(job), "worker_types": join_tags(index.worker_types)}
+            for job, index in ordered
         ]
         stored = set(connection.scalars(self._writes.jobs, rows))
         kept = [(job, index) for job, index in new if job.job_id in stored]
