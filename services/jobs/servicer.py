@@ -70,7 +70,9 @@ def _check_submit(request: pb.SubmitJobRequest, prefix: str, problems: Problems)
         check_spec(request.spec, f"{prefix}spec", problems)
 
 
-def _submit_result(result: tuple[Job, bool] | BlixardError) -> pb.BatchSubmitJobsResult:
+def _submit_result(
+    result: tuple[Job, bool] | BlixardError, request: pb.SubmitJobRequest
+) -> pb.BatchSubmitJobsResult:
     if isinstance(result, BlixardError):
         violations = getattr(result, "violations", [])
         return pb.BatchSubmitJobsResult(
@@ -82,9 +84,9 @@ def _submit_result(result: tuple[Job, bool] | BlixardError) -> pb.BatchSubmitJob
                 metadata=result.metadata,
             )
         )
-    return pb.BatchSubmitJobsResult(
-        response=pb.SubmitJobResponse(job=convert.job_message(result[0]))
-    )
+    # The job's spec is the request's (the same canonical form), not parsed back.
+    job = convert.job_message(result[0], request.spec)
+    return pb.BatchSubmitJobsResult(response=pb.SubmitJobResponse(job=job))
 
 
 MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
@@ -195,7 +197,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         results = batch.merge(
             self.manager.submit_many(batch.valid, telemetry.current_context_carrier())
         )
-        return pb.BatchSubmitJobsResponse(results=[_submit_result(r) for r in results])
+        return pb.BatchSubmitJobsResponse(
+            results=[
+                _submit_result(r, one) for r, one in zip(results, request.requests, strict=True)
+            ]
+        )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         problems = Problems()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, exists, insert, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -60,13 +60,12 @@ class _Writes:
     """The batch submit's multi-row writes, built once per store (Core, no ORM)."""
 
     def __init__(self, engine: Engine) -> None:
-        jobs: Any = JobRow.__table__
-        dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite
         # A request_id a concurrent submit committed first is left to it (read back after).
-        self.jobs = (
-            dialect.insert(jobs)
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(jobs.c.job_id)
+        self.jobs = BulkWrite(
+            engine,
+            JobRow.__table__,  # type: ignore[arg-type]
+            [*_JOB_COLUMNS, "worker_types"],
+            skip_conflicts_on=["request_id"],
         )
         self.labels = BulkWrite(engine, JobLabelRow.__table__, ["job_id", "key", "value"])  # type: ignore[arg-type]
         self.events = BulkWrite(engine, JobEventRow.__table__, list(_EVENT_COLUMNS))  # type: ignore[arg-type]
@@ -132,10 +131,13 @@ class Transaction:
         # in one order, never in a deadlock.
         ordered = sorted(new, key=lambda entry: entry[0].request_id or "")
         rows = [
-            {**_values(job), "worker_types": join_tags(index.worker_types)}
-            for job, index in ordered
+            [*_job_columns(_values(job)), join_tags(index.worker_types)] for job, index in ordered
         ]
-        stored = set(connection.scalars(self._writes.jobs, rows))
+        ids = [job.job_id for job, _ in new]
+        stored = set(ids)
+        if self._writes.jobs.run(connection, rows) != len(rows):
+            # Some request_ids were taken meanwhile: which of these jobs are there?
+            stored = set(self.session.scalars(select(JobRow.job_id).where(JobRow.job_id.in_(ids))))
         kept = [(job, index) for job, index in new if job.job_id in stored]
         self._writes.labels.run(
             connection,
@@ -357,6 +359,32 @@ class JobStore:
                 JobEvent(r.job_id, r.generation, JobState(r.state), to_utc(r.at), r.actor, r.reason)
                 for r in session.scalars(query)
             ]
+
+
+_JOB_COLUMNS = (
+    "job_id",
+    "request_id",
+    "spec_json",
+    "spec_hash",
+    "state",
+    "generation",
+    "attempts",
+    "attempts_base",
+    "exit_code",
+    "output_tail",
+    "error",
+    "worker_id",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "ended_at",
+    "last_sequence",
+    "trace_context",
+    "output_bytes",
+)
+
+
+_job_columns = operator.itemgetter(*_JOB_COLUMNS)
 
 
 def _values(job: Job) -> dict[str, object]:
