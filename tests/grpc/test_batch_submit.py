@@ -4,7 +4,9 @@ run like submitted ones."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +14,7 @@ from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from opentelemetry import trace
 
+from services.cli import main as cli
 from services.common.errors import describe
 from tests.grpc.conftest import RPC_TIMEOUT, Stack, spec, wait_for_state
 
@@ -167,3 +170,45 @@ def test_an_empty_batch_answers_empty_and_more_than_1000_is_refused_whole(
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert failure.field_violations == [("requests", "at most 1000")]
     assert all_jobs(stack) == []
+
+
+def test_blixctl_submit_many_submits_a_file_of_json_lines(
+    make_stack: Callable[..., Stack],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stack = make_stack().start_pair()
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(
+        '{"request_id": "m-1", "spec": {"command": ["echo", "one"]}}\n'
+        "\n"
+        '{"request_id": "m-2", "spec": {}}\n'
+        '{"request_id": "m-1", "spec": {"command": ["echo", "one"]}}\n'
+    )
+
+    def blixctl(*args: str) -> tuple[int, str, str]:
+        code = cli.main([args[0], "--address", stack.jobs_target, *args[1:]])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = blixctl("submit-many", str(lines))
+
+    first, refused, again = out.splitlines()
+    assert code == cli.EXIT_RPC
+    assert refused == "-" and again == first
+    assert f"{lines}:3: the request has 1 problem: spec.command: required" in err
+    assert "  spec.command: required" in err
+    assert [job.job_id for job in all_jobs(stack)] == [first]
+
+    code, out, _ = blixctl("submit-many", str(lines), "--json")
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a.get("response", {}).get("job", {}).get("jobId") for a in answers] == [
+        first,
+        None,
+        first,
+    ]
+    assert answers[1]["error"]["reason"] == "INVALID_ARGUMENT"
+
+    lines.write_text('{"request_id": "m-3", "spec": {"comand": []}}\n')
+    code, _, err = blixctl("submit-many", str(lines))
+    assert code == cli.EXIT_USAGE and f"{lines}:1: not a SubmitJobRequest" in err
