@@ -21,7 +21,7 @@ from services.common.jobspec import (
     check_worker_type,
 )
 from services.common.output import sent_bytes
-from services.common.server import WaitSlots
+from services.common.server import MAX_MESSAGE_BYTES, WaitSlots
 from services.common.validation import BatchCheck, Problems, check_each
 from services.jobs import convert
 from services.jobs.domain import Job, Submission
@@ -57,6 +57,17 @@ MAX_OUTPUT_OFFSET = 2**62
 
 MAX_STATUS_BATCH = 500
 MAX_SUBMIT_BATCH = 1000
+
+
+# What the answer to one request of a batch adds to the request's own bytes, at most: its
+# job's id, state, times and trace id, its request_id again (or a refused request's error).
+ANSWER_BYTES_PER_JOB = 256
+
+
+def _answer_bytes(request: pb.BatchSubmitJobsRequest) -> int:
+    """An upper bound of the size of BatchSubmitJobs's answer (each job echoes its spec)."""
+    ids = sum(len(one.request_id) for one in request.requests)
+    return request.ByteSize() + ids + ANSWER_BYTES_PER_JOB * len(request.requests)
 
 
 def _check_submit(request: pb.SubmitJobRequest, prefix: str, problems: Problems) -> None:
@@ -173,9 +184,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self, request: pb.BatchSubmitJobsRequest, context: grpc.ServicerContext
     ) -> pb.BatchSubmitJobsResponse:
         size = Problems()
-        size.check(
+        if size.check(
             len(request.requests) <= MAX_SUBMIT_BATCH, "requests", f"at most {MAX_SUBMIT_BATCH}"
-        )
+        ):
+            # Refused before anything is stored: an answer too big to send would leave the
+            # client not knowing its jobs.
+            size.check(
+                _answer_bytes(request) <= MAX_MESSAGE_BYTES,
+                "requests",
+                f"the answer (each job with its spec) would pass the "
+                f"{MAX_MESSAGE_BYTES // 2**20} MiB a message may carry: send fewer per call",
+            )
         size.raise_if_any()
         valid: list[Submission] = []
         refused = {}

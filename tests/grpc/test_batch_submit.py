@@ -212,3 +212,23 @@ def test_blixctl_submit_many_submits_a_file_of_json_lines(
     lines.write_text('{"request_id": "m-3", "spec": {"comand": []}}\n')
     code, _, err = blixctl("submit-many", str(lines))
     assert code == cli.EXIT_USAGE and f"{lines}:1: not a SubmitJobRequest" in err
+
+
+def test_a_batch_whose_answer_would_pass_the_message_limit_is_refused_whole(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack().start_pair()
+    # About 4.1 MB: within the 4 MiB a message may carry, but each job comes back with its
+    # spec and more, so the answer could not be sent.
+    big = [one(f"big-{i}", spec("true", payload=b"x" * 4100)) for i in range(1000)]
+
+    with pytest.raises(grpc.RpcError) as caught:
+        batch(stack, big)
+
+    failure = describe(caught.value)
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = failure.field_violations
+    assert field == "requests" and "4 MiB" in description
+    assert all_jobs(stack) == []
+    # Half of it goes in one call.
+    assert all(r.HasField("response") for r in batch(stack, big[:500]))
