@@ -20,6 +20,7 @@ OTHER = '{"command": ["false"]}'
 
 def test_a_batch_stores_each_job_with_its_labels_event_and_message(manager: JobManager) -> None:  # noqa: F811
     labelled = Submission("r-1", SPEC, SpecIndex(labels={"team": "blue"}))
+    woken = manager.feed.version
     results = manager.submit_many(
         [labelled, Submission(None, SPEC), Submission("r-1", SPEC), Submission("r-1", OTHER)],
         {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
@@ -30,6 +31,7 @@ def test_a_batch_stores_each_job_with_its_labels_event_and_message(manager: JobM
     assert again.job_id == first.job_id != second.job_id
     assert isinstance(reused, AlreadyExists) and reused.metadata["job_id"] == first.job_id
     assert manager.store.outbox.pending() == 2
+    assert manager.feed.version == woken + 1  # the relay is woken once, after the commit
     for job in (first, second):
         stored = manager.get(job.job_id)
         assert stored.state is JobState.PENDING and stored.spec_json == SPEC
