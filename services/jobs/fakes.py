@@ -128,8 +128,15 @@ class FakeTransaction:
     def save(self, job: Job) -> None:
         self.state.jobs[job.job_id] = copy.deepcopy(job)
 
+    def save_many(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.save(job)
+
     def record(self, event: JobEvent) -> None:
         self.state.events.append(event)
+
+    def record_many(self, events: list[JobEvent]) -> None:
+        self.state.events.extend(events)
 
     def send(self, topic: str, job: Job, now: datetime) -> None:
         self._outbox.add(
@@ -186,6 +193,9 @@ class FakeJobStore:
         with self.lock:
             job = self.state.jobs.get(job_id)
             return copy.deepcopy(job) if job else None
+
+    def get_many(self, job_ids: list[str]) -> dict[str, Job]:
+        return {job_id: job for job_id in job_ids if (job := self.get(job_id)) is not None}
 
     def list_jobs(
         self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter

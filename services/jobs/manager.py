@@ -360,10 +360,8 @@ class JobManager:
                     events.append(event)
                 results[i] = event is not None
             if not isolate:
-                for job_id in sorted(changed):
-                    tx.save(jobs[job_id])
-                for event in events:
-                    tx.record(event)
+                tx.save_many([jobs[job_id] for job_id in sorted(changed)])
+                tx.record_many(events)
         return results
 
     def events(self, job_id: str) -> list[JobEvent]:

@@ -69,6 +69,13 @@ class _Writes:
         )
         self.labels = BulkWrite(engine, JobLabelRow.__table__, ["job_id", "key", "value"])  # type: ignore[arg-type]
         self.events = BulkWrite(engine, JobEventRow.__table__, list(_EVENT_COLUMNS))  # type: ignore[arg-type]
+        # A batch of status reports: every column of each job, keyed by its id.
+        self.save = BulkWrite(
+            engine,
+            JobRow.__table__,  # type: ignore[arg-type]
+            list(_JOB_COLUMNS[1:]),
+            ["job_id"],
+        )
 
 
 class Transaction:
@@ -171,8 +178,18 @@ class Transaction:
             update(JobRow).where(JobRow.job_id == job.job_id).values(**_values(job))
         )
 
+    def save_many(self, jobs: list[Job]) -> None:
+        """As ``save`` for each, in one statement."""
+        rows = [[*_job_columns(_values(job))[1:], job.job_id] for job in jobs]
+        self._writes.save.run(self.session.connection(), rows)
+
     def record(self, event: JobEvent) -> None:
         self.session.add(JobEventRow(**_event_values(event)))
+
+    def record_many(self, events: list[JobEvent]) -> None:
+        """As ``record`` for each, in one statement."""
+        rows = [[e.job_id, e.generation, e.state.value, e.at, e.actor, e.reason] for e in events]
+        self._writes.events.run(self.session.connection(), rows)
 
     def send(self, topic: str, job: Job, now: datetime) -> None:
         """Tell the queue, once this transaction commits: "enqueue" or "cancel"."""
@@ -310,6 +327,14 @@ class JobStore:
         with self._reads() as session:
             row = session.get(JobRow, job_id)
             return _job(row) if row else None
+
+    def get_many(self, job_ids: list[str]) -> dict[str, Job]:
+        """The jobs, by job id (unknown ones absent), in one read."""
+        if not job_ids:
+            return {}
+        query = select(JobRow).where(JobRow.job_id.in_(sorted(set(job_ids))))
+        with self._reads() as session:
+            return {row.job_id: _job(row) for row in session.scalars(query)}
 
     def list_jobs(
         self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter
