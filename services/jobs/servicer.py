@@ -13,7 +13,7 @@ from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
 from services.common import paging, parked, telemetry
 from services.common.auth import Policy, Role
-from services.common.errors import BlixardError
+from services.common.errors import BlixardError, InvalidArgument
 from services.common.jobspec import (
     check_labels,
     check_spec,
@@ -56,6 +56,33 @@ MAX_OUTPUT_OFFSET = 2**62
 
 
 MAX_STATUS_BATCH = 500
+MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
+
+
+def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
+    _check_job_id(request.job_id, problems)
+    problems.check(request.generation >= 1, "generation", "at least 1")
+    problems.check(request.sequence >= 1, "sequence", "at least 1")
+    problems.check(convert.is_state(request.state), "state", "required: a job state")
+    problems.check(
+        len(sent_bytes(request.output_tail_bytes, request.output_tail)) <= MAX_TAIL_BYTES,
+        "output_tail_bytes" if request.output_tail_bytes else "output_tail",
+        f"at most {MAX_TAIL_BYTES} bytes",
+    )
+    if request.HasField("event_time"):
+        check_timestamp(request.event_time, "event_time", problems)
+
+
+def _batch_result(result: bool | BlixardError) -> pb.BatchUpdateJobStatusResult:
+    if isinstance(result, BlixardError):
+        return pb.BatchUpdateJobStatusResult(
+            error=pb.BatchUpdateJobStatusError(
+                code=result.code.value[0], reason=result.reason, message=result.message
+            )
+        )
+    return pb.BatchUpdateJobStatusResult(response=pb.UpdateJobStatusResponse(applied=result))
+
+
 MAX_SUBMIT_BATCH = 1000
 
 
@@ -98,33 +125,6 @@ def _submit_result(
     # The job's spec is the request's (the same canonical form), not parsed back.
     job = convert.job_message(result[0], request.spec)
     return pb.BatchSubmitJobsResult(response=pb.SubmitJobResponse(job=job))
-
-
-MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
-
-
-def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
-    _check_job_id(request.job_id, problems)
-    problems.check(request.generation >= 1, "generation", "at least 1")
-    problems.check(request.sequence >= 1, "sequence", "at least 1")
-    problems.check(convert.is_state(request.state), "state", "required: a job state")
-    problems.check(
-        len(sent_bytes(request.output_tail_bytes, request.output_tail)) <= MAX_TAIL_BYTES,
-        "output_tail_bytes" if request.output_tail_bytes else "output_tail",
-        f"at most {MAX_TAIL_BYTES} bytes",
-    )
-    if request.HasField("event_time"):
-        check_timestamp(request.event_time, "event_time", problems)
-
-
-def _batch_result(result: bool | BlixardError) -> pb.BatchUpdateJobStatusResult:
-    if isinstance(result, BlixardError):
-        return pb.BatchUpdateJobStatusResult(
-            error=pb.BatchUpdateJobStatusError(
-                code=result.code.value[0], reason=result.reason, message=result.message
-            )
-        )
-    return pb.BatchUpdateJobStatusResult(response=pb.UpdateJobStatusResponse(applied=result))
 
 
 def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> None:
@@ -197,7 +197,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             )
         size.raise_if_any()
         valid: list[Submission] = []
-        refused = {}
+        refused: dict[int, InvalidArgument] = {}
         for i, one in enumerate(request.requests):
             problems = Problems()
             _check_submit(one, f"requests[{i}].", problems)
