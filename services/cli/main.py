@@ -39,6 +39,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 CALL_TIMEOUT = 30.0
+SUBMIT_BATCH = 1000  # requests per BatchSubmitJobs call, its limit
 # The parked-message commands: the service is named, and so is its default address.
 PARKED_COMMANDS = {"parked", "redrive-parked", "delete-parked"}
 SERVICE_ADDRESSES = {
@@ -103,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--worker-type", action="append", default=[])
     submit.add_argument("--run-at", help="do not start before (ISO 8601)")
     submit.add_argument("--wait", action="store_true", help="wait for the end; exit by state")
+
+    many = commands.add_parser(
+        "submit-many",
+        parents=[common],
+        help="submit the jobs of a file: one SubmitJobRequest in JSON per line "
+        '({"request_id": "r-1", "spec": {"command": ["true"]}}), 1000 per call',
+    )
+    many.add_argument("file", help="the file of JSON lines ('-': standard input)")
 
     for name, text in (
         ("get", "show a job"),
@@ -225,6 +234,27 @@ class Cli:
                 print(job.job_id)
             return EXIT_OK
         return self._follow(job.job_id, quiet=not self.as_json)
+
+    def submit_many(self, args: argparse.Namespace) -> int:
+        """One line out per request line: its job id ("-" when refused, why on stderr);
+        with --json, each BatchSubmitJobsResult. Exit 4 when any was refused."""
+        lines = _request_lines(args.file)
+        refused = 0
+        for start in range(0, len(lines), SUBMIT_BATCH):
+            chunk = lines[start : start + SUBMIT_BATCH]
+            call = pb.BatchSubmitJobsRequest(requests=[request for _, request in chunk])
+            results = self.stub.BatchSubmitJobs(call, timeout=CALL_TIMEOUT).results
+            for i, ((number, _), result) in enumerate(zip(chunk, results, strict=True)):
+                if self.as_json:
+                    self.emit(result)
+                elif result.HasField("response"):
+                    print(result.response.job.job_id, flush=True)
+                else:
+                    print("-", flush=True)
+                if result.HasField("error"):
+                    refused += 1
+                    _say_refused(args.file, number, f"requests[{i}].", result.error)
+        return EXIT_RPC if refused else EXIT_OK
 
     def get(self, args: argparse.Namespace) -> int:
         self.show(self.stub.GetJob(pb.GetJobRequest(job_id=args.job_id), timeout=CALL_TIMEOUT).job)
@@ -428,6 +458,35 @@ def _stream(method: grpc.UnaryStreamMultiCallable[R, T], request: R) -> Iterator
         yield first
         yield from stream
         return
+
+
+def _request_lines(path: str) -> list[tuple[int, pb.SubmitJobRequest]]:
+    """(line number, request) of each non-blank line of the file."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    requests = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append((number, json_format.Parse(line, pb.SubmitJobRequest())))
+        except json_format.ParseError as exc:
+            raise UsageError(f"{path}:{number}: not a SubmitJobRequest in JSON: {exc}") from None
+    return requests
+
+
+def _say_refused(path: str, number: int, prefix: str, error: pb.BatchSubmitJobsError) -> None:
+    """Why the request of line ``number`` was refused, its fields named as in the line."""
+    reason = error.message.replace(prefix, "")
+    print(f"blixctl: {path}:{number}: {reason} ({error.reason})", file=sys.stderr)
+    for violation in error.field_violations:
+        print(f"  {violation.field.removeprefix(prefix)}: {violation.description}", file=sys.stderr)
 
 
 def _exit_code(state: int) -> int:

@@ -176,8 +176,17 @@ class BulkWrite:
     wrote."""
 
     def __init__(
-        self, engine: Engine, table: Table, columns: list[str], keys: list[str] | None = None
+        self,
+        engine: Engine,
+        table: Table,
+        columns: list[str],
+        keys: list[str] | None = None,
+        *,
+        skip_conflicts_on: list[str] | None = None,
     ) -> None:
+        """``skip_conflicts_on`` (an INSERT): the columns of a unique index; a row whose
+        values there are taken is not inserted (ON CONFLICT … DO NOTHING, SQLite and
+        PostgreSQL alike): ``run`` then counts fewer rows than it was given."""
         mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         quote = engine.dialect.identifier_preparer.quote
         if keys is None:
@@ -185,6 +194,9 @@ class BulkWrite:
                 f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
                 f"VALUES ({', '.join(mark for _ in columns)})"
             )
+            if skip_conflicts_on:
+                unique = ", ".join(quote(c) for c in skip_conflicts_on)
+                self.sql += f" ON CONFLICT ({unique}) DO NOTHING"
         else:
             self.sql = (
                 f"UPDATE {quote(table.name)} SET "

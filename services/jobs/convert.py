@@ -71,11 +71,13 @@ def state_from_pb(value: int, field: str = "state") -> JobState:
         ) from None
 
 
-def job_message(job: Job) -> pb.Job:
+def job_message(job: Job, spec: job_spec_pb2.JobSpec | None = None) -> pb.Job:
+    """``spec``: the job's spec when the caller holds it already (a submit's own, whose
+    canonical form is the job's spec_json), saving its parse."""
     message = pb.Job(
         job_id=job.job_id,
         state=state_to_pb(job.state),
-        spec=spec_message(job.spec_json),
+        spec=spec if spec is not None else spec_message(job.spec_json),
         request_id=job.request_id or "",
         generation=job.generation,
         attempts=job.attempts,

@@ -101,6 +101,15 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """One job of a BatchSubmitJobs, checked: its request_id (None: none), canonical spec."""
+
+    request_id: str | None
+    spec_json: str
+    index: SpecIndex = field(default_factory=SpecIndex)
+
+
+@dataclass(frozen=True)
 class JobEvent:
     job_id: str
     generation: int

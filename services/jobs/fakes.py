@@ -88,8 +88,10 @@ class FakeTransaction:
     def lock_many(self, job_ids: list[str]) -> dict[str, Job]:
         return {job_id: job for job_id in sorted(set(job_ids)) if (job := self.get(job_id))}
 
-    def check(self, job: Job, event: JobEvent | None = None) -> None:
-        check_fits(job, event)
+    def check(
+        self, job: Job, event: JobEvent | None = None, index: SpecIndex | None = None
+    ) -> None:
+        check_fits(job, event, index)
 
     def savepoint(self) -> AbstractContextManager[Any]:
         return nullcontext()  # a fake write never fails half-way
@@ -100,6 +102,20 @@ class FakeTransaction:
     def by_request_id(self, request_id: str) -> Job | None:
         job_id = self.state.by_request.get(request_id)
         return self.get(job_id) if job_id else None
+
+    def by_request_ids(self, request_ids: list[str]) -> dict[str, Job]:
+        return {rid: job for rid in request_ids if (job := self.by_request_id(rid)) is not None}
+
+    def add_many(self, new: list[tuple[Job, SpecIndex]], now: datetime) -> set[str]:
+        stored = set()
+        for job, index in new:
+            if job.request_id is not None and job.request_id in self.state.by_request:
+                continue
+            self.add(job, index)
+            self.record(JobEvent(job.job_id, 1, job.state, now, "client", "submitted"))
+            self.send("enqueue", job, now)
+            stored.add(job.job_id)
+        return stored
 
     def add(self, job: Job, index: SpecIndex) -> None:
         if job.request_id is not None and job.request_id in self.state.by_request:
@@ -112,8 +128,15 @@ class FakeTransaction:
     def save(self, job: Job) -> None:
         self.state.jobs[job.job_id] = copy.deepcopy(job)
 
+    def save_many(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.save(job)
+
     def record(self, event: JobEvent) -> None:
         self.state.events.append(event)
+
+    def record_many(self, events: list[JobEvent]) -> None:
+        self.state.events.extend(events)
 
     def send(self, topic: str, job: Job, now: datetime) -> None:
         self._outbox.add(
@@ -170,6 +193,9 @@ class FakeJobStore:
         with self.lock:
             job = self.state.jobs.get(job_id)
             return copy.deepcopy(job) if job else None
+
+    def get_many(self, job_ids: list[str]) -> dict[str, Job]:
+        return {job_id: job for job_id in job_ids if (job := self.get(job_id)) is not None}
 
     def list_jobs(
         self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter

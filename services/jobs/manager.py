@@ -13,7 +13,13 @@ from sqlalchemy.exc import DBAPIError
 
 from services.common.clock import Clock
 from services.common.db import refused_item, retry_conflicts
-from services.common.errors import AlreadyExists, BlixardError, FailedPrecondition, NotFound
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    BlixardError,
+    FailedPrecondition,
+    NotFound,
+)
 from services.common.feed import ChangeFeed
 from services.common.outbox import ParkedMessages
 from services.jobs import domain
@@ -29,6 +35,7 @@ from services.jobs.domain import (
     OutputRead,
     SpecIndex,
     StatusUpdate,
+    Submission,
 )
 from services.jobs.store import DuplicateRequest, JobStore
 
@@ -43,6 +50,14 @@ class QueueCancel(Protocol):
 
 def spec_hash(spec_json: str) -> str:
     return hashlib.sha256(spec_json.encode()).hexdigest()
+
+
+def _reused(request_id: str, holder: Job) -> AlreadyExists:
+    return AlreadyExists(
+        f"request_id {request_id!r} was already used for job {holder.job_id} with a different spec",
+        reason="REQUEST_ID_REUSED",
+        metadata={"job_id": holder.job_id, "request_id": request_id},
+    )
 
 
 class JobManager:
@@ -108,16 +123,114 @@ class JobManager:
         self._changed()
         return job, True
 
+    def submit_many(
+        self, submissions: list[Submission], trace_context: dict[str, str]
+    ) -> list[tuple[Job, bool] | BlixardError]:
+        """Store new jobs (as ``submit`` does each) in one transaction: per submission, the
+        job and whether it was created, or why it was refused, in order. Idempotent by
+        request_id as ``submit``: one already used with the same spec gives its job
+        (created False), with another spec ALREADY_EXISTS; the same holds between the
+        submissions of one batch (the first one stands). Each fails alone: one whose
+        values its columns cannot hold gets its own INVALID_ARGUMENT (if the database
+        refuses a write the checks did not foresee, the batch runs again with a savepoint
+        per job, so that one fails alone); the rest commit. The relay is woken once."""
+        if not submissions:
+            return []
+        now = self.clock.now()
+        jobs = [
+            Job(
+                job_id=domain.new_job_id(),
+                request_id=one.request_id or None,
+                spec_json=one.spec_json,
+                spec_hash=spec_hash(one.spec_json),
+                state=JobState.PENDING,
+                created_at=now,
+                updated_at=now,
+                trace_context=trace_context,
+            )
+            for one in submissions
+        ]
+        try:
+            results = retry_conflicts(
+                lambda: self._submit_many(submissions, jobs, now, isolate=False)
+            )
+        except DBAPIError as exc:
+            if refused_item(exc) is None:
+                raise
+            results = retry_conflicts(
+                lambda: self._submit_many(submissions, jobs, now, isolate=True)
+            )
+        if any(not isinstance(r, BlixardError) and r[1] for r in results):
+            self._changed()
+        return results
+
+    def _submit_many(
+        self, submissions: list[Submission], jobs: list[Job], now: datetime, *, isolate: bool
+    ) -> list[tuple[Job, bool] | BlixardError]:
+        results: list[tuple[Job, bool] | BlixardError] = []
+        first: dict[int, int] = {}  # a later submission of a request_id -> the first one's
+        with self.store.transaction() as tx:
+            holders = tx.by_request_ids(sorted({j.request_id for j in jobs if j.request_id}))
+            chosen: dict[str, int] = {}  # request_id -> the submission that creates its job
+            planned: list[int] = []
+            for i, job in enumerate(jobs):
+                rid = job.request_id
+                holder = holders.get(rid) if rid else None
+                if rid and holder is not None:
+                    results.append(self._reuse(rid, holder, job.spec_hash))
+                    if rid in chosen and not isinstance(results[-1], BlixardError):
+                        first[i] = chosen[rid]
+                    continue
+                event = JobEvent(job.job_id, 1, JobState.PENDING, now, "client", "submitted")
+                try:
+                    tx.check(job, event, submissions[i].index)
+                except BlixardError as exc:
+                    results.append(exc)
+                    continue
+                if rid:
+                    holders[rid], chosen[rid] = job, i
+                planned.append(i)
+                results.append((job, True))
+            if not isolate:
+                stored = tx.add_many([(jobs[i], submissions[i].index) for i in planned], now)
+            else:
+                stored = set()
+                for i in planned:
+                    try:
+                        with tx.savepoint():
+                            stored |= tx.add_many([(jobs[i], submissions[i].index)], now)
+                    except DBAPIError as exc:
+                        refused = refused_item(exc)
+                        if refused is None:
+                            raise
+                        results[i] = refused
+            raced = [i for i in planned if jobs[i].job_id not in stored]
+            raced = [i for i in raced if not isinstance(results[i], BlixardError)]
+            # request_ids a concurrent submit committed first: theirs, as if found before.
+            winners = tx.by_request_ids([jobs[i].request_id or "" for i in raced])
+            for i in raced:
+                rid = jobs[i].request_id or ""
+                winner = winners.get(rid)
+                results[i] = (
+                    self._reuse(rid, winner, jobs[i].spec_hash)
+                    if winner is not None
+                    else Aborted(f"request_id {rid!r} is being submitted concurrently; try again")
+                )
+        for i, j in first.items():  # the same job as the first submission of its request_id
+            result = results[j]
+            results[i] = result if isinstance(result, BlixardError) else (result[0], False)
+        return results
+
+    def _reuse(self, request_id: str, holder: Job, digest: str) -> tuple[Job, bool] | BlixardError:
+        if holder.spec_hash == digest:
+            return holder, False
+        return _reused(request_id, holder)
+
     def _same_request(self, request_id: str, digest: str) -> Job | None:
         with self.store.transaction() as tx:
             existing = tx.by_request_id(request_id)
         if existing is not None and existing.spec_hash != digest:
-            raise AlreadyExists(
-                f"request_id {request_id!r} was already used for job {existing.job_id} with "
-                f"a different spec",
-                reason="REQUEST_ID_REUSED",
-                metadata={"job_id": existing.job_id, "request_id": request_id},
-            )
+            raise _reused(request_id, existing)
         return existing
 
     def get(self, job_id: str) -> Job:
@@ -247,10 +360,8 @@ class JobManager:
                     events.append(event)
                 results[i] = event is not None
             if not isolate:
-                for job_id in sorted(changed):
-                    tx.save(jobs[job_id])
-                for event in events:
-                    tx.record(event)
+                tx.save_many([jobs[job_id] for job_id in sorted(changed)])
+                tx.record_many(events)
         return results
 
     def events(self, job_id: str) -> list[JobEvent]:

@@ -38,6 +38,8 @@ class QueueDelivery:
         (or no longer worth sending), else why not; nothing after a failure is sent."""
         outcomes: list[Exception | None] = []
         pending: list[tuple[Message, Job]] = []
+        # The page's jobs in one read (a job changed after it is sent anew by its own message).
+        jobs = self.store.get_many([m.payload["job_id"] for m in messages if m.topic != "cancel"])
 
         def flush() -> bool:
             results = self._enqueue([job for _, job in pending])
@@ -57,7 +59,7 @@ class QueueDelivery:
                     break
                 outcomes.append(None)
                 continue
-            job = self.store.get(job_id)
+            job = jobs.get(job_id)
             if job is None or job.generation != generation or job.state.terminal:
                 if pending and not flush():
                     break

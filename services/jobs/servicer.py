@@ -13,7 +13,7 @@ from blixard.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 
 from services.common import paging, parked, telemetry
 from services.common.auth import Policy, Role
-from services.common.errors import BlixardError
+from services.common.errors import BlixardError, InvalidArgument
 from services.common.jobspec import (
     check_labels,
     check_spec,
@@ -21,9 +21,10 @@ from services.common.jobspec import (
     check_worker_type,
 )
 from services.common.output import sent_bytes
-from services.common.server import WaitSlots
-from services.common.validation import Problems, check_each
+from services.common.server import MAX_MESSAGE_BYTES, WaitSlots
+from services.common.validation import BatchCheck, Problems, check_each
 from services.jobs import convert
+from services.jobs.domain import Job, Submission
 from services.jobs.manager import JobManager
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -31,6 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 _CLIENT = frozenset({Role.CLIENT})
 POLICY: Policy = {
     "SubmitJob": _CLIENT,
+    "BatchSubmitJobs": _CLIENT,
     "GetJob": _CLIENT,
     "ListJobs": _CLIENT,
     "CancelJob": _CLIENT,
@@ -79,6 +81,50 @@ def _batch_result(result: bool | BlixardError) -> pb.BatchUpdateJobStatusResult:
             )
         )
     return pb.BatchUpdateJobStatusResult(response=pb.UpdateJobStatusResponse(applied=result))
+
+
+MAX_SUBMIT_BATCH = 1000
+
+
+# What the answer to one request of a batch adds to the request's own bytes, at most: its
+# job's id, state, times and trace id, its request_id again (or a refused request's error).
+ANSWER_BYTES_PER_JOB = 256
+
+
+def _answer_bytes(request: pb.BatchSubmitJobsRequest) -> int:
+    """An upper bound of the size of BatchSubmitJobs's answer (each job echoes its spec)."""
+    ids = sum(len(one.request_id) for one in request.requests)
+    return request.ByteSize() + ids + ANSWER_BYTES_PER_JOB * len(request.requests)
+
+
+def _check_submit(request: pb.SubmitJobRequest, prefix: str, problems: Problems) -> None:
+    """SubmitJob's checks, for one request of a batch (fields named ``prefix`` + field)."""
+    problems.check(
+        len(request.request_id) <= MAX_REQUEST_ID,
+        f"{prefix}request_id",
+        f"at most {MAX_REQUEST_ID} characters",
+    )
+    if problems.check(request.HasField("spec"), f"{prefix}spec", "required"):
+        check_spec(request.spec, f"{prefix}spec", problems)
+
+
+def _submit_result(
+    result: tuple[Job, bool] | BlixardError, request: pb.SubmitJobRequest
+) -> pb.BatchSubmitJobsResult:
+    if isinstance(result, BlixardError):
+        violations = getattr(result, "violations", [])
+        return pb.BatchSubmitJobsResult(
+            error=pb.BatchSubmitJobsError(
+                code=result.code.value[0],
+                reason=result.reason,
+                message=result.message,
+                field_violations=[pb.FieldViolation(field=f, description=d) for f, d in violations],
+                metadata=result.metadata,
+            )
+        )
+    # The job's spec is the request's (the same canonical form), not parsed back.
+    job = convert.job_message(result[0], request.spec)
+    return pb.BatchSubmitJobsResult(response=pb.SubmitJobResponse(job=job))
 
 
 def _check_job_id(job_id: str, problems: Problems, field: str = "job_id") -> None:
@@ -133,6 +179,48 @@ class JobServicer(pb_grpc.JobServiceServicer):
             convert.spec_index(request.spec),
         )
         return pb.SubmitJobResponse(job=convert.job_message(job))
+
+    def BatchSubmitJobs(
+        self, request: pb.BatchSubmitJobsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchSubmitJobsResponse:
+        size = Problems()
+        if size.check(
+            len(request.requests) <= MAX_SUBMIT_BATCH, "requests", f"at most {MAX_SUBMIT_BATCH}"
+        ):
+            # Refused before anything is stored: an answer too big to send would leave the
+            # client not knowing its jobs.
+            size.check(
+                _answer_bytes(request) <= MAX_MESSAGE_BYTES,
+                "requests",
+                f"the answer (each job with its spec) would pass the "
+                f"{MAX_MESSAGE_BYTES // 2**20} MiB a message may carry: send fewer per call",
+            )
+        size.raise_if_any()
+        valid: list[Submission] = []
+        refused: dict[int, InvalidArgument] = {}
+        for i, one in enumerate(request.requests):
+            problems = Problems()
+            _check_submit(one, f"requests[{i}].", problems)
+            error = problems.error()
+            if error is not None:
+                refused[i] = error
+                continue
+            valid.append(
+                Submission(
+                    one.request_id or None,
+                    convert.spec_json(one.spec),
+                    convert.spec_index(one.spec),
+                )
+            )
+        batch = BatchCheck(valid, refused, len(request.requests))
+        results = batch.merge(
+            self.manager.submit_many(batch.valid, telemetry.current_context_carrier())
+        )
+        return pb.BatchSubmitJobsResponse(
+            results=[
+                _submit_result(r, one) for r, one in zip(results, request.requests, strict=True)
+            ]
+        )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         problems = Problems()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
@@ -13,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from services.common.clock import to_utc
-from services.common.db import ColumnLimits, has_tag, join_tags, reader, write_lock
+from services.common.db import BulkWrite, ColumnLimits, has_tag, join_tags, reader, write_lock
 from services.common.errors import Aborted
 from services.common.outbox import SqlOutbox
 from services.jobs.domain import (
@@ -42,21 +43,48 @@ class DuplicateRequest(Exception):
 
 _JOB_LIMITS = ColumnLimits(JobRow.__table__)  # type: ignore[arg-type]
 _EVENT_LIMITS = ColumnLimits(JobEventRow.__table__)  # type: ignore[arg-type]
+_LABEL_LIMITS = ColumnLimits(JobLabelRow.__table__)  # type: ignore[arg-type]
 
 
-def check_fits(job: Job, event: JobEvent | None = None) -> None:
-    """InvalidArgument if the job (and its event) would not fit their columns."""
+def check_fits(job: Job, event: JobEvent | None = None, index: SpecIndex | None = None) -> None:
+    """InvalidArgument if the job (and its event, its labels) would not fit their columns."""
     _JOB_LIMITS.check(_values(job), f"job {job.job_id}")
     if event is not None:
         _EVENT_LIMITS.check(_event_values(event), f"an event of job {job.job_id}")
+    if index is not None:
+        for key, value in index.labels.items():
+            _LABEL_LIMITS.check({"key": key, "value": value}, f"a label of job {job.job_id}")
+
+
+class _Writes:
+    """The batch submit's multi-row writes, built once per store (Core, no ORM)."""
+
+    def __init__(self, engine: Engine) -> None:
+        # A request_id a concurrent submit committed first is left to it (read back after).
+        self.jobs = BulkWrite(
+            engine,
+            JobRow.__table__,  # type: ignore[arg-type]
+            [*_JOB_COLUMNS, "worker_types"],
+            skip_conflicts_on=["request_id"],
+        )
+        self.labels = BulkWrite(engine, JobLabelRow.__table__, ["job_id", "key", "value"])  # type: ignore[arg-type]
+        self.events = BulkWrite(engine, JobEventRow.__table__, list(_EVENT_COLUMNS))  # type: ignore[arg-type]
+        # A batch of status reports: every column of each job, keyed by its id.
+        self.save = BulkWrite(
+            engine,
+            JobRow.__table__,  # type: ignore[arg-type]
+            list(_JOB_COLUMNS[1:]),
+            ["job_id"],
+        )
 
 
 class Transaction:
     """What one use case may do inside one database transaction."""
 
-    def __init__(self, session: Session, outbox: SqlOutbox) -> None:
+    def __init__(self, session: Session, outbox: SqlOutbox, writes: _Writes) -> None:
         self.session = session
         self._outbox = outbox
+        self._writes = writes
 
     def get(self, job_id: str, *, for_update: bool = False) -> Job | None:
         query = select(JobRow).where(JobRow.job_id == job_id)
@@ -76,8 +104,10 @@ class Transaction:
         )
         return {row.job_id: _job(row) for row in self.session.scalars(query)}
 
-    def check(self, job: Job, event: JobEvent | None = None) -> None:
-        check_fits(job, event)
+    def check(
+        self, job: Job, event: JobEvent | None = None, index: SpecIndex | None = None
+    ) -> None:
+        check_fits(job, event, index)
 
     def savepoint(self) -> AbstractContextManager[Any]:
         """A savepoint: what is written inside is undone alone if it raises."""
@@ -89,6 +119,49 @@ class Transaction:
     def by_request_id(self, request_id: str) -> Job | None:
         row = self.session.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
         return _job(row) if row else None
+
+    def by_request_ids(self, request_ids: list[str]) -> dict[str, Job]:
+        """The jobs holding these request_ids, by request_id (unknown ones absent)."""
+        if not request_ids:
+            return {}
+        rows = self.session.scalars(select(JobRow).where(JobRow.request_id.in_(request_ids)))
+        return {row.request_id: _job(row) for row in rows if row.request_id is not None}
+
+    def add_many(self, new: list[tuple[Job, SpecIndex]], now: datetime) -> set[str]:
+        """Store new PENDING jobs with their labels, their first event ("submitted") and
+        their "enqueue" message, in a few multi-row statements; the ids of the jobs stored.
+        A job whose request_id another transaction took first is not stored (nor its rows)."""
+        if not new:
+            return set()
+        connection = self.session.connection()
+        # In request_id order: two batches taking the same request_ids wait for each other
+        # in one order, never in a deadlock.
+        ordered = sorted(new, key=lambda entry: entry[0].request_id or "")
+        rows = [
+            [*_job_columns(_values(job)), join_tags(index.worker_types)] for job, index in ordered
+        ]
+        ids = [job.job_id for job, _ in new]
+        stored = set(ids)
+        if self._writes.jobs.run(connection, rows) != len(rows):
+            # Some request_ids were taken meanwhile: which of these jobs are there?
+            stored = set(self.session.scalars(select(JobRow.job_id).where(JobRow.job_id.in_(ids))))
+        kept = [(job, index) for job, index in new if job.job_id in stored]
+        self._writes.labels.run(
+            connection,
+            [[job.job_id, k, v] for job, index in kept for k, v in index.labels.items()],
+        )
+        pending = JobState.PENDING.value
+        self._writes.events.run(
+            connection, [[job.job_id, 1, pending, now, "client", "submitted"] for job, _ in kept]
+        )
+        self._outbox.add_many(
+            connection,
+            [
+                ("enqueue", job.job_id, {"job_id": job.job_id, "generation": job.generation}, now)
+                for job, _ in kept
+            ],
+        )
+        return stored
 
     def add(self, job: Job, index: SpecIndex) -> None:
         self.session.add(JobRow(**_values(job), worker_types=join_tags(index.worker_types)))
@@ -105,8 +178,18 @@ class Transaction:
             update(JobRow).where(JobRow.job_id == job.job_id).values(**_values(job))
         )
 
+    def save_many(self, jobs: list[Job]) -> None:
+        """As ``save`` for each, in one statement."""
+        rows = [[*_job_columns(_values(job))[1:], job.job_id] for job in jobs]
+        self._writes.save.run(self.session.connection(), rows)
+
     def record(self, event: JobEvent) -> None:
         self.session.add(JobEventRow(**_event_values(event)))
+
+    def record_many(self, events: list[JobEvent]) -> None:
+        """As ``record`` for each, in one statement."""
+        rows = [[e.job_id, e.generation, e.state.value, e.at, e.actor, e.reason] for e in events]
+        self._writes.events.run(self.session.connection(), rows)
 
     def send(self, topic: str, job: Job, now: datetime) -> None:
         """Tell the queue, once this transaction commits: "enqueue" or "cancel"."""
@@ -233,16 +316,25 @@ class JobStore:
         self._reads = sessionmaker(reader(engine), expire_on_commit=False)
         self._write_lock = write_lock(engine)
         self.outbox = SqlOutbox(engine, OutboxRow)
+        self._writes = _Writes(engine)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         with self._write_lock, self._sessions.begin() as session:
-            yield Transaction(session, self.outbox)
+            yield Transaction(session, self.outbox, self._writes)
 
     def get(self, job_id: str) -> Job | None:
         with self._reads() as session:
             row = session.get(JobRow, job_id)
             return _job(row) if row else None
+
+    def get_many(self, job_ids: list[str]) -> dict[str, Job]:
+        """The jobs, by job id (unknown ones absent), in one read."""
+        if not job_ids:
+            return {}
+        query = select(JobRow).where(JobRow.job_id.in_(sorted(set(job_ids))))
+        with self._reads() as session:
+            return {row.job_id: _job(row) for row in session.scalars(query)}
 
     def list_jobs(
         self, *, limit: int, after: tuple[datetime, str] | None, where: JobFilter
@@ -294,6 +386,32 @@ class JobStore:
             ]
 
 
+_JOB_COLUMNS = (
+    "job_id",
+    "request_id",
+    "spec_json",
+    "spec_hash",
+    "state",
+    "generation",
+    "attempts",
+    "attempts_base",
+    "exit_code",
+    "output_tail",
+    "error",
+    "worker_id",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "ended_at",
+    "last_sequence",
+    "trace_context",
+    "output_bytes",
+)
+
+
+_job_columns = operator.itemgetter(*_JOB_COLUMNS)
+
+
 def _values(job: Job) -> dict[str, object]:
     return dict(
         job_id=job.job_id,
@@ -316,6 +434,9 @@ def _values(job: Job) -> dict[str, object]:
         trace_context=json.dumps(job.trace_context),
         output_bytes=job.output_bytes,
     )
+
+
+_EVENT_COLUMNS = ("job_id", "generation", "state", "at", "actor", "reason")
 
 
 def _event_values(event: JobEvent) -> dict[str, object]:

@@ -92,6 +92,16 @@ def test_a_worker_token_cannot_submit(secured: Stack) -> None:
     }
 
 
+def test_a_client_token_can_batch_submit_and_a_worker_token_cannot(secured: Stack) -> None:
+    request = jpb.BatchSubmitJobsRequest(requests=[jpb.SubmitJobRequest(spec=spec("true"))])
+
+    [result] = secured.jobs_stub(CLIENT_TOKEN).BatchSubmitJobs(request, timeout=RPC_TIMEOUT).results
+    code = _refused(secured.jobs_stub(WORKER_TOKEN).BatchSubmitJobs, request)
+
+    assert list(result.response.job.spec.command) == ["true"]
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_a_client_token_can_submit_and_read(secured: Stack) -> None:
     jobs = secured.jobs_stub(CLIENT_TOKEN)
 
