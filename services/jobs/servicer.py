@@ -98,7 +98,8 @@ def _answer_bytes(request: pb.BatchSubmitJobsRequest) -> int:
 
 
 def _check_submit(request: pb.SubmitJobRequest, prefix: str, problems: Problems) -> None:
-    """SubmitJob's checks, for one request of a batch (fields named ``prefix`` + field)."""
+    """SubmitJob's checks, for it and for each request of a batch (fields named ``prefix``
+    + field, e.g. ``requests[3].spec.command``)."""
     problems.check(
         len(request.request_id) <= MAX_REQUEST_ID,
         f"{prefix}request_id",
@@ -164,13 +165,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:
         problems = Problems()
-        problems.check(
-            len(request.request_id) <= MAX_REQUEST_ID,
-            "request_id",
-            f"at most {MAX_REQUEST_ID} characters",
-        )
-        if problems.check(request.HasField("spec"), "spec", "required"):
-            check_spec(request.spec, "spec", problems)
+        _check_submit(request, "", problems)
         problems.raise_if_any()
         job, _created = self.manager.submit(
             request.request_id,

@@ -72,12 +72,12 @@ def test_concurrent_batches_with_the_same_request_ids_make_each_job_once(
     assert manager.store.outbox.pending() == 50
 
 
+@pytest.mark.parametrize("manager", ["postgresql"], indirect=True)  # it refuses NUL in text
 def test_a_value_the_database_refuses_fails_that_job_alone(
     manager: JobManager,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if not isinstance(manager.store, JobStore) or manager.store.engine.dialect.name != "postgresql":
-        pytest.skip("only PostgreSQL refuses NUL in text")
+    assert isinstance(manager.store, JobStore)
     # Without the check in Python, the database itself refuses the NUL in the label.
     monkeypatch.setattr(
         jobs_store, "_LABEL_LIMITS", jobs_store.ColumnLimits(jobs_store.JobRow.__table__)
