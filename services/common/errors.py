@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "blixard.dev"
 
+# What an error may carry back. A status travels in the response's trailers, and a client
+# refuses trailers past its header limit (8 KiB by default): the caller would then read
+# RESOURCE_EXHAUSTED "Stream removed" and none of the problems. So every text is cut short
+# (an id echoed back may be 65 k characters), lists are cut to their first entries, and
+# ``to_status`` keeps the whole status within a budget well below the limit.
+MAX_MESSAGE_BYTES = 512
+MAX_DETAIL_TEXT_BYTES = 200
+MAX_LISTED = 20
+MAX_STATUS_BYTES = 3072
+
 
 class BlixardError(Exception):
     """The root of every domain error. Subclasses give the code and a default message."""
@@ -41,7 +51,7 @@ class BlixardError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        self.message = message or self.default_message
+        self.message = brief(message or self.default_message, MAX_MESSAGE_BYTES)
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
         super().__init__(self.message)
@@ -167,14 +177,60 @@ class PermissionDenied(BlixardError):
     default_message = "this token's role may not call this method"
 
 
+def brief(text: str, limit: int = MAX_DETAIL_TEXT_BYTES) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (never inside a character), with
+    "…" where it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _shrink(message: Message, listed: int = MAX_LISTED) -> None:
+    """Every text of a detail message cut short, every list and map cut to its first
+    ``listed`` entries (in place)."""
+    for fd, value in message.ListFields():
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            entries = sorted(value.items())[:listed]
+            value.clear()
+            for key, item in entries:
+                value[brief(key)] = brief(item) if isinstance(item, str) else item
+        elif fd.is_repeated:
+            del value[listed:]
+            for i, item in enumerate(value):
+                if isinstance(item, Message):
+                    _shrink(item, listed)
+                elif isinstance(item, str):
+                    value[i] = brief(item)
+        elif isinstance(value, Message):
+            _shrink(value, listed)
+        elif isinstance(value, str):
+            setattr(message, fd.name, brief(value))
+
+
 def to_status(error: BlixardError) -> grpc.Status:
+    """The status for ``error``, small enough to reach any client (see MAX_STATUS_BYTES):
+    the message and every text of the details cut short, lists cut to their first
+    entries (to fewer if that is still too large; at worst only the reason is left)."""
+    message = brief(error.message, MAX_MESSAGE_BYTES)
+    for listed in (MAX_LISTED, 5, 1):
+        details = error.details()
+        for detail in details:
+            _shrink(detail, listed)
+        status = _status(error.code, message, details)
+        if status.ByteSize() <= MAX_STATUS_BYTES:
+            return rpc_status.to_status(status)
+    bare = error_details_pb2.ErrorInfo(reason=brief(error.reason), domain=DOMAIN)
+    return rpc_status.to_status(_status(error.code, message, [bare]))
+
+
+def _status(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> status_pb2.Status:
     packed = []
-    for detail in error.details():
+    for detail in details:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
 
 
 INTERNAL_STATUS = to_status(BlixardError())

@@ -295,7 +295,8 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             state = convert.item_state(value)
             if problems.check(state is not None, f"states[{i}]", f"{value} is not an item state"):
                 assert state is not None
-                states.append(state)
+                if state not in states:  # each once: one SQL parameter per state
+                    states.append(state)
         if request.worker_type:
             check_worker_type(request.worker_type, "worker_type", problems)
         problems.raise_if_any()

@@ -41,7 +41,8 @@ from services.vms import config as vms_config
 from services.worker import bootstrap as worker_bootstrap
 from services.worker import config as worker_config
 from services.worker.runner import Worker
-from tests.conftest import free_port
+from tests.conftest import free_port, require
+from tests.postgres import Cluster, find_bindir
 
 RPC_TIMEOUT = 5.0
 STOP_GRACE = 0.5
@@ -154,6 +155,8 @@ class Stack:
 
     tmp: Path
     shared: dict[str, str] = field(default_factory=dict)
+    # Settings that win over the defaults below (a PostgreSQL URL per service, say).
+    overrides: dict[str, str] = field(default_factory=dict)
     queue: Running | None = None
     jobs: Running | None = None
     vms: Running | None = None
@@ -178,9 +181,13 @@ class Stack:
 
     def start_pair(self) -> Stack:
         jobs_port = free_port()
-        queue = queue_config.load({**self.shared, **queue_env(self.tmp, jobs_port)})
+        queue = queue_config.load(
+            {**self.shared, **queue_env(self.tmp, jobs_port), **self.overrides}
+        )
         self.queue = start(queue_bootstrap.build(queue))
-        jobs = jobs_config.load({**self.shared, **jobs_env(self.tmp, jobs_port, self.queue.port)})
+        jobs = jobs_config.load(
+            {**self.shared, **jobs_env(self.tmp, jobs_port, self.queue.port), **self.overrides}
+        )
         self.jobs = start(jobs_bootstrap.build(jobs))
         return self
 
@@ -191,7 +198,8 @@ class Stack:
         return self
 
     def start_vms(self, extra: dict[str, str] | None = None) -> Stack:
-        self.vms = start(vms_bootstrap.build(vms_config.load({**self.shared, **vms_env(extra)})))
+        settings = {**self.shared, **vms_env(extra), **self.overrides}
+        self.vms = start(vms_bootstrap.build(vms_config.load(settings)))
         return self
 
     def start_worker(self, worker_id: str = "grpc-test-worker") -> Stack:
@@ -251,8 +259,10 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     """Function-scoped stacks, stopped at the end of the test."""
     stacks: list[Stack] = []
 
-    def make(shared: dict[str, str] | None = None) -> Stack:
-        stack = Stack(tmp_path_factory.mktemp("stack"), dict(shared or {}))
+    def make(
+        shared: dict[str, str] | None = None, overrides: dict[str, str] | None = None
+    ) -> Stack:
+        stack = Stack(tmp_path_factory.mktemp("stack"), dict(shared or {}), dict(overrides or {}))
         stacks.append(stack)
         return stack
 
@@ -270,6 +280,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the tests of this tier that need one."""
+    bindir = find_bindir()
+    require(bindir is not None, "PostgreSQL server binaries not found (apt-get install postgresql)")
+    assert bindir is not None
+    cluster = Cluster(bindir)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def postgres_overrides(cluster: Cluster) -> dict[str, str]:
+    """A fresh PostgreSQL database for each service of a stack."""
+    return {
+        "JOBS_DATABASE_URL": cluster.new_database(),
+        "QUEUE_DATABASE_URL": cluster.new_database(),
+        "VMS_DATABASE_URL": cluster.new_database(),
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The settings that put a stack on SQLite (the default: none) or on PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return postgres_overrides(request.getfixturevalue("postgres_cluster"))
 
 
 # ---- helpers for tests -----------------------------------------------------------------
