@@ -136,10 +136,30 @@ class FailedPrecondition(BlixardError):
         return [*super().details(), failure]
 
 
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 class Aborted(BlixardError):
+    """A concurrent change won, and nothing of this call was written: asking again is safe.
+    With ``retry_after``, the status says when (RetryInfo)."""
+
     code = grpc.StatusCode.ABORTED
     default_reason = "CONFLICT"
     default_message = "a concurrent change won; try again"
+
+    def __init__(
+        self, message: str | None = None, *, retry_after: float | None = None, **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+    def details(self) -> list[Message]:
+        if self.retry_after is None:
+            return super().details()
+        return [*super().details(), _retry_info(self.retry_after)]
 
 
 class _Retryable(BlixardError):
@@ -148,9 +168,7 @@ class _Retryable(BlixardError):
         self.retry_after = retry_after
 
     def details(self) -> list[Message]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(self.retry_after * 1e9))
-        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+        return [*super().details(), _retry_info(self.retry_after)]
 
 
 class ResourceExhausted(_Retryable):
@@ -261,12 +279,26 @@ STORE_FULL = Unavailable(
 )
 
 
-def store_problem(exc: BaseException) -> Unavailable | None:
-    """What a store failure that is not a bug says to callers: the database's disk is full,
-    or the database is down (a lost or refused connection); None for anything else."""
+STORE_CONFLICT = Aborted(
+    "the database undid this call (a deadlock or a serialization failure with a concurrent "
+    "call); nothing was written; try again",
+    reason="STORE_CONFLICT",
+    retry_after=0.1,
+)
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back.
+_CONFLICT_STATES = frozenset({"40P01", "40001"})
+
+
+def store_problem(exc: BaseException) -> Unavailable | Aborted | None:
+    """What a store failure that is not a bug says to callers: a deadlock or serialization
+    failure (ABORTED: nothing was written, ask again), the database's disk is full, or the
+    database is down (a lost or refused connection); None for anything else."""
     if not isinstance(exc, sa_exc.DBAPIError):
         return None
     cause = exc.orig
+    if getattr(cause, "sqlstate", None) in _CONFLICT_STATES:
+        return STORE_CONFLICT
     code = getattr(cause, "sqlite_errorcode", None)
     if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or (
         getattr(cause, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
@@ -296,6 +328,9 @@ class LoopFailures:
         problem = store_problem(exc)
         if problem is None:
             log.error("%s failed; retrying", self.name, exc_info=exc)
+            return
+        if isinstance(problem, Aborted):  # one round undone by a deadlock: not an outage
+            log.warning("%s: %s: %s", self.name, problem.message, first_line(exc))
             return
         if self._outage != problem.reason:
             self._outage = problem.reason
