@@ -374,6 +374,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def _caller_gone(context: grpc.ServicerContext) -> bool:
+    """The client cancelled or went away: nobody is left to answer (reading its request
+    stream then raises a bare RpcError, which is no error of the handler's)."""
+    return hasattr(context, "is_active") and not context.is_active()
+
+
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -381,6 +387,9 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
         except Exception as exc:
             if _already_aborted(context):
                 raise
+            if _caller_gone(context):
+                log.debug("the caller went away: %s", first_line(exc))
+                return None
             abort(context, exc)
 
     return wrapped
@@ -395,6 +404,9 @@ def _wrap_stream(
         except Exception as exc:
             if _already_aborted(context):
                 raise
+            if _caller_gone(context):
+                log.debug("the caller went away: %s", first_line(exc))
+                return
             abort(context, exc)
 
     return wrapped

@@ -139,9 +139,9 @@ def create_server(
         options=SERVER_OPTIONS,
     )
     register(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
+    health_servicer = Health(["", *names])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable([*names, health.SERVICE_NAME], server)
     check_bindable(address, setting)
     try:
@@ -154,6 +154,26 @@ def create_server(
     for name in ["", *names]:
         running.set_serving(name, True)
     return running
+
+
+class Health(health.HealthServicer):
+    """grpc's health servicer, with ``List`` too: grpc.health.v1 has it, and the servicer
+    of grpcio-health-checking leaves it to the generated base, which answers UNIMPLEMENTED
+    and logs a traceback for every caller."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._names = list(names)
+
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: self.Check(health_pb2.HealthCheckRequest(service=name), context)
+                for name in self._names
+            }
+        )
 
 
 class RequestInterceptor(grpc.ServerInterceptor):

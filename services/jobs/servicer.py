@@ -52,6 +52,7 @@ MAX_OUTPUT_OFFSET = 2**62
 
 
 MAX_STATUS_BATCH = 500
+MAX_WORKER_ID = 256  # the width of jobs.worker_id
 
 
 def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
@@ -59,6 +60,9 @@ def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> Non
     problems.check(request.generation >= 1, "generation", "at least 1")
     problems.check(request.sequence >= 1, "sequence", "at least 1")
     problems.check(convert.is_state(request.state), "state", "required: a job state")
+    problems.check(
+        len(request.worker_id) <= MAX_WORKER_ID, "worker_id", f"at most {MAX_WORKER_ID} characters"
+    )
     if request.HasField("event_time"):
         check_timestamp(request.event_time, "event_time", problems)
 
