@@ -22,7 +22,7 @@ from services.common.auth import AuthInterceptor, Policy
 from services.common.config import DEFAULT_GRPC_THREADS, Tokens
 from services.common.errors import ErrorInterceptor, InvalidArgument, ResourceExhausted, first_line
 from services.common.startup import StartupError
-from services.common.validation import check_request
+from services.common.validation import check_request, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,9 @@ class RequestInterceptor(grpc.ServerInterceptor):
             behaviour = getattr(handler, kind)
 
             def unary(raw: bytes, context: grpc.ServicerContext) -> Any:
-                return behaviour(parse(raw), context)
+                request = parse(raw)
+                with request_bytes(raw):
+                    return behaviour(request, context)
 
             return handler._replace(request_deserializer=None, **{kind: unary})
         kind = "stream_unary" if handler.stream_unary else "stream_stream"
@@ -219,7 +221,7 @@ def _parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes
                 "the request is not a valid protobuf message of its type",
                 violations=[("request", "does not parse as the method's request message")],
             ) from None
-        check_request(request)
+        check_request(request, raw)
         return request
 
     return parse

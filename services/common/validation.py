@@ -4,11 +4,13 @@ hold, no integer past a column's range, no list without a bound."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import MAX_LISTED, InvalidArgument, brief
@@ -108,12 +110,13 @@ def check_each(
     batch_size = Problems()
     batch_size.check(0 < len(requests) <= at_most, "requests", f"between 1 and {at_most}")
     batch_size.raise_if_any()
+    no_nul = _NO_NUL.get()  # the batch's bytes hold no NUL: only bounds to check
     valid: list[T] = []
     refused: dict[int, InvalidArgument] = {}
     for i, request in enumerate(requests):
         problems = Problems()
         if isinstance(request, Message):
-            check_fields(request, problems)
+            (_check_bounds if no_nul else check_fields)(request, problems)
         check(request, problems)
         error = problems.error()
         if error is None:
@@ -165,56 +168,174 @@ def is_batch(fd: FieldDescriptor) -> bool:
     )
 
 
+# What the rule checks in a field, decided once per field from its descriptor (reading a
+# descriptor's attributes costs more than the check): (kind, repeated, bound, value kind).
+_SKIP, _TEXT, _UINT32_KIND, _UINT64_KIND, _MESSAGE, _MAP, _BATCH = range(7)
+_PLANS: dict[FieldDescriptor, tuple[int, bool, int, int]] = {}
+
+
+def _kind(fd: FieldDescriptor) -> int:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        return _MAP
+    if is_batch(fd):
+        return _BATCH
+    if fd.message_type is not None:
+        return _MESSAGE
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        return _SKIP if fd.full_name in DATA_FIELDS else _TEXT
+    if fd.type in _UINT32:
+        return _UINT32_KIND
+    if fd.type in _UINT64:
+        return _UINT64_KIND
+    return _SKIP
+
+
+def _plan(fd: FieldDescriptor) -> tuple[int, bool, int, int]:
+    plan = _PLANS.get(fd)
+    if plan is None:
+        kind = _kind(fd)
+        value_kind = _SKIP
+        if kind == _MAP:
+            assert fd.message_type is not None
+            value_kind = _kind(fd.message_type.fields_by_name["value"])
+        plan = (kind, fd.is_repeated, ENTRIES.get(fd.full_name, MAX_ENTRIES), value_kind)
+        _PLANS[fd] = plan
+    return plan
+
+
 def check_fields(message: Message, problems: Problems, path: str = "") -> None:
     """The rule every request passes before anything reads it, over its descriptor (a new
     field is covered as it is added): text without NUL (except ``DATA_FIELDS``), unsigned
     integers within the signed columns' range, at most ``MAX_ENTRIES`` entries in a list
-    or map (``ENTRIES`` for some). The items of a batch are left to ``check_each``."""
+    or map (``ENTRIES`` for some). The items of a batch are left to ``check_each``.
+    Field names are built only for a problem: the rule runs on every request."""
     for fd, value in message.ListFields():
-        name = f"{path}{fd.name}"
-        if fd.is_repeated:
-            limit = ENTRIES.get(fd.full_name, MAX_ENTRIES)
-            if not problems.check(len(value) <= limit, name, f"at most {limit} entries"):
-                continue
-            if is_batch(fd):
-                continue
-            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-                _check_map(fd, value, problems, name)
-            else:
+        kind, repeated, limit, value_kind = _plan(fd)
+        if kind in (_SKIP, _BATCH) and (not repeated or len(value) <= limit):
+            continue
+        if repeated:
+            if len(value) > limit:
+                problems.add(path + fd.name, f"at most {limit} entries")
+            elif kind == _MAP:
+                _check_map(value, value_kind, problems, path + fd.name)
+            elif kind == _MESSAGE:
                 for i, item in enumerate(value):
-                    _check_value(fd, item, problems, f"{name}[{i}]")
-        else:
-            _check_value(fd, value, problems, name)
+                    check_fields(item, problems, f"{path}{fd.name}[{i}].")
+            elif _bad(kind, value):
+                for i, item in enumerate(value):
+                    if _bad(kind, (item,)):
+                        _add(kind, problems, f"{path}{fd.name}[{i}]")
+        elif kind == _MESSAGE:
+            check_fields(value, problems, f"{path}{fd.name}.")
+        elif _bad(kind, (value,)):
+            _add(kind, problems, path + fd.name)
 
 
-def _check_map(fd: FieldDescriptor, value: object, problems: Problems, name: str) -> None:
-    assert fd.message_type is not None
-    value_fd = fd.message_type.fields_by_name["value"]
-    for key, item in value.items():  # type: ignore[attr-defined]
-        entry = f"{name}[{_shown(key)}]"
+def _bad(kind: int, values: Iterable[object]) -> bool:
+    if kind == _TEXT:
+        return any("\x00" in v for v in values)  # type: ignore[operator]
+    if kind == _UINT32_KIND:
+        return any(v > MAX_UINT32 for v in values)  # type: ignore[operator]
+    return any(v > MAX_UINT64 for v in values)  # type: ignore[operator]
+
+
+def _add(kind: int, problems: Problems, name: str) -> None:
+    if kind == _TEXT:
+        problems.add(name, NUL_RULE)
+    else:
+        problems.add(name, f"at most {MAX_UINT32 if kind == _UINT32_KIND else MAX_UINT64}")
+
+
+def _check_map(value: Any, kind: int, problems: Problems, name: str) -> None:
+    if kind == _TEXT and not any("\x00" in k or "\x00" in v for k, v in value.items()):
+        return  # the usual map of text to text, clean: one pass
+    for key, item in value.items():
         if isinstance(key, str) and "\x00" in key:
-            problems.add(entry, f"the key {NUL_RULE}")
-        _check_value(value_fd, item, problems, entry)
-
-
-def _check_value(fd: FieldDescriptor, value: object, problems: Problems, name: str) -> None:
-    if isinstance(value, Message):
-        check_fields(value, problems, f"{name}.")
-    elif isinstance(value, str):
-        if "\x00" in value and fd.full_name not in DATA_FIELDS:
-            problems.add(name, NUL_RULE)
-    elif fd.type in _UINT32:
-        problems.check(value <= MAX_UINT32, name, f"at most {MAX_UINT32}")  # type: ignore[operator]
-    elif fd.type in _UINT64:
-        problems.check(value <= MAX_UINT64, name, f"at most {MAX_UINT64}")  # type: ignore[operator]
+            problems.add(f"{name}[{_shown(key)}]", f"the key {NUL_RULE}")
+        if kind == _MESSAGE:
+            check_fields(item, problems, f"{name}[{_shown(key)}].")
+        elif kind != _SKIP and _bad(kind, (item,)):
+            _add(kind, problems, f"{name}[{_shown(key)}]")
 
 
 def _shown(key: object) -> str:
     return brief(str(key).replace("\x00", "\\0"), 64)
 
 
-def check_request(message: Message) -> None:
-    """``check_fields`` for a whole request: raises its INVALID_ARGUMENT if any."""
+# ---- the same rule, fast, for a request whose bytes hold no NUL ---------------------------
+#
+# UTF-8 text holds a 0 byte only for a NUL: when the request's bytes hold none, no text in
+# it can, and only the integers and the lengths of lists remain to check. They are read by
+# name from a plan made once per message type, which costs a tenth of the walk above.
+
+_NO_NUL: ContextVar[bool] = ContextVar("blixard_request_without_nul", default=False)
+
+
+@contextmanager
+def request_bytes(raw: bytes) -> Iterator[None]:
+    """While a handler runs on ``raw``: say whether it holds no NUL (for ``check_each``)."""
+    token = _NO_NUL.set(b"\x00" not in raw)
+    try:
+        yield
+    finally:
+        _NO_NUL.reset(token)
+
+
+_BOUNDS: dict[Descriptor, list[tuple[str, int, bool, int, Descriptor | None]]] = {}
+
+
+def _bounds(descriptor: Descriptor) -> list[tuple[str, int, bool, int, Descriptor | None]]:
+    """The fields of a message type that may break a bound whatever their text: integers,
+    lists and maps, and messages that hold some. (name, kind, repeated, bound, the type
+    of the message(s) it holds)."""
+    plan = _BOUNDS.get(descriptor)
+    if plan is None:
+        _BOUNDS[descriptor] = plan = []  # a type that holds itself stops here
+        for fd in descriptor.fields:
+            kind, repeated, limit, _value_kind = _plan(fd)
+            inner: Descriptor | None = None
+            if kind == _MAP:
+                assert fd.message_type is not None
+                inner = fd.message_type.fields_by_name["value"].message_type
+            elif kind == _MESSAGE:
+                inner = fd.message_type
+            if inner is not None and not _bounds(inner):
+                inner = None
+            if repeated or kind in (_UINT32_KIND, _UINT64_KIND) or inner is not None:
+                plan.append((fd.name, kind, repeated, limit, inner))
+    return plan
+
+
+def _check_bounds(message: Message, problems: Problems, path: str = "") -> None:
+    for name, kind, repeated, limit, inner in _bounds(message.DESCRIPTOR):  # type: ignore[arg-type]
+        if repeated:
+            value = getattr(message, name)
+            if len(value) > limit:
+                problems.add(path + name, f"at most {limit} entries")
+            elif kind == _MAP:
+                if inner is not None:
+                    for key, item in value.items():
+                        _check_bounds(item, problems, f"{path}{name}[{_shown(key)}].")
+            elif inner is not None:
+                for i, item in enumerate(value):
+                    _check_bounds(item, problems, f"{path}{name}[{i}].")
+            elif kind in (_UINT32_KIND, _UINT64_KIND) and _bad(kind, value):
+                for i, item in enumerate(value):
+                    if _bad(kind, (item,)):
+                        _add(kind, problems, f"{path}{name}[{i}]")
+        elif inner is not None:
+            if message.HasField(name):
+                _check_bounds(getattr(message, name), problems, f"{path}{name}.")
+        elif getattr(message, name) > (MAX_UINT32 if kind == _UINT32_KIND else MAX_UINT64):
+            _add(kind, problems, path + name)
+
+
+def check_request(message: Message, raw: bytes | None = None) -> None:
+    """``check_fields`` for a whole request (parsed from ``raw``, when given): raises its
+    INVALID_ARGUMENT if any."""
     problems = Problems()
-    check_fields(message, problems)
+    if raw is not None and b"\x00" not in raw:
+        _check_bounds(message, problems)
+    else:
+        check_fields(message, problems)
     problems.raise_if_any()

@@ -165,3 +165,35 @@ def test_a_million_problems_keep_the_first_and_count_the_rest() -> None:
     assert error.metadata == {"problems": "1000000"}
     assert error.message.startswith("the request has 1000000 problems: states[0]: not a state")
     assert len(error.message.encode()) <= 512
+
+
+def test_the_fast_rule_for_bytes_without_nul_finds_every_bound_the_walk_finds() -> None:
+    """check_request reads only integers and lengths when the bytes hold no NUL; on such
+    requests it finds what the full walk finds."""
+    from services.common.errors import InvalidArgument as Refused
+    from services.common.validation import check_request
+
+    requests = [
+        jpb.SubmitJobRequest(
+            spec=job_spec_pb2.JobSpec(
+                command=["x"] * 1025,
+                max_attempts=2**31,
+                requirements=job_spec_pb2.JobRequirements(vcpus=2**32 - 1),
+            )
+        ),
+        jpb.AppendJobOutputRequest(attempt=2**31, total_bytes=2**64 - 1),
+        jpb.ListJobsRequest(states=[1] * 65, labels={f"k{i}": "v" for i in range(1025)}),
+        qpb.BatchCompleteRequest(requests=[qpb.CompleteRequest(lease_token="t")] * 1025),
+        jpb.BatchUpdateJobStatusRequest(requests=[jpb.UpdateJobStatusRequest(sequence=2**63)]),
+        jpb.GetJobRequest(job_id="fine"),
+    ]
+    for request in requests:
+        raw = request.SerializeToString()
+        assert b"\x00" not in raw
+        walked = _violations(request)
+        try:
+            check_request(request, raw)
+            fast: list[tuple[str, str]] = []
+        except Refused as error:
+            fast = error.violations
+        assert sorted(fast) == sorted(walked), type(request).__name__
