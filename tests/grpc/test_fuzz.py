@@ -31,6 +31,8 @@ import pytest
 from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
 from blixard.queue.v1 import queue_service_pb2 as qpb
+from blixard.vms.v1 import vm_service_pb2 as vpb
+from blixard.vms.v1 import vm_service_pb2_grpc as vpb_grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
@@ -405,7 +407,7 @@ def fuzzed(
         overrides = postgres_overrides(request.getfixturevalue("postgres_cluster"))
     stack = Stack(tmp_path_factory.mktemp("fuzz"), dict(TOKENS), overrides)
     try:
-        stack.start_pair().start_vms()
+        stack.start_pair().start_vms(_vm_settings(stack.tmp))
         jobs = stack.jobs_stub(ADMIN_TOKEN)
         known = [
             jpb.SubmitJobRequest(request_id=f"known-{i}", spec=spec("/nonexistent/known"))
@@ -426,6 +428,25 @@ def fuzzed(
         for known_ids in (KNOWN, LIVE, ENDED, LEASES):
             known_ids.clear()
         stack.stop()
+
+
+AGENT = Path(__file__).resolve().parents[2] / "var" / "vm-image" / "blixard-agent"
+
+
+def _vm_settings(tmp: Path) -> dict[str, str]:
+    """The VM service with its ``process`` backend where the guest agent is built (see
+    tests/grpc/test_vm_service.py), so VM calls reach its manager and store; else with
+    no manager (every VM call UNAVAILABLE, after the edge rule)."""
+    if not os.access(AGENT, os.X_OK):
+        return {}
+    return {
+        "VMS_MANAGER": "process",
+        "VMS_IMAGE_DIR": str(AGENT.parent),
+        "VMS_STATE_DIR": str(tmp / "vms-state"),
+        "VMS_PRE_WARM_COUNT": "0",
+        "VMS_MAX_VMS": "2",
+        "VMS_BOOT_TIMEOUT": "10",
+    }
 
 
 def _lease_jobs(stack: Stack) -> None:
@@ -714,3 +735,8 @@ def test_afterwards_memory_is_bounded_and_a_normal_job_still_succeeds(fuzzed: Fu
 
     done = eventually(succeeded, 20, "the job to succeed")
     assert done.exit_code == 0 and done.output_tail == "ok\n"
+
+    if _vm_settings(fuzzed.stack.tmp):  # the VM calls reached a manager, which still serves
+        vms = vpb_grpc.VmServiceStub(fuzzed.channel("blixard.vms.v1.VmService", "worker"))
+        info = vms.GetManagerInfo(vpb.GetManagerInfoRequest(), timeout=RPC_TIMEOUT)
+        assert info.available and info.backend == "process", info
