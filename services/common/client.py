@@ -1,5 +1,6 @@
 """Channels to the other services: a deadline on every call (callers pass one), retries of
-UNAVAILABLE only (service config), tracing, and the bearer token when one is set."""
+UNAVAILABLE, and of ABORTED for the idempotent calls (service config), tracing, and the
+bearer token when one is set."""
 
 from __future__ import annotations
 
@@ -17,19 +18,59 @@ from services.common.server import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
 
+# The calls that are asked again after ABORTED too (a deadlock or a serialization failure
+# undid them, or a concurrent change won: nothing was written). Each is idempotent by its
+# contract: a read, a request_id, a (job, generation), a sequence number, an offset, a
+# lease renewal. The others (Complete, CancelJob, RetryJob, ...) leave ABORTED to their
+# caller, which decides with what it knows.
+IDEMPOTENT: dict[str, tuple[str, ...]] = {
+    "blixard.jobs.v1.JobService": (
+        "SubmitJob",
+        "GetJob",
+        "ListJobs",
+        "ListJobEvents",
+        "WatchJob",
+        "GetJobOutput",
+        "UpdateJobStatus",
+        "BatchUpdateJobStatus",
+        "AppendJobOutput",
+    ),
+    "blixard.queue.v1.QueueService": (
+        "Enqueue",
+        "BatchEnqueue",
+        "Heartbeat",
+        "RegisterWorker",
+        "GetItem",
+        "ListItems",
+        "GetStats",
+        "ListWorkers",
+    ),
+    "blixard.vms.v1.VmService": ("GetVm", "ListVms", "GetManagerInfo"),
+}
+
+
+def _retry_policy(codes: list[str]) -> dict[str, object]:
+    return {
+        "maxAttempts": 4,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": codes,
+    }
+
+
 _RETRY_CONFIG = json.dumps(
     {
         "methodConfig": [
+            {"name": [{}], "retryPolicy": _retry_policy(["UNAVAILABLE"])},
             {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
+                "name": [
+                    {"service": service, "method": method}
+                    for service, methods in IDEMPOTENT.items()
+                    for method in methods
+                ],
+                "retryPolicy": _retry_policy(["UNAVAILABLE", "ABORTED"]),
+            },
         ],
     }
 )

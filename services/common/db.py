@@ -34,7 +34,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
-from services.common.errors import Aborted, InvalidArgument, first_line, store_problem
+from services.common.errors import (
+    CONFLICT_STATES,
+    InvalidArgument,
+    first_line,
+    store_problem,
+)
 from services.common.startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -253,18 +258,18 @@ def _sqlite_datetime(value: datetime) -> str:
 
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction lost a race
 # and was rolled back whole; run again, it succeeds.
-_CONFLICTS = frozenset({"40P01", "40001"})
 
 
 def is_conflict(exc: BaseException) -> bool:
     """A deadlock or serialization failure: a lost race, not an outage."""
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _CONFLICTS
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in CONFLICT_STATES
 
 
 def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
     """Run ``work`` (one whole transaction), again after a short random pause when the
     database rolled it back for a deadlock or a serialization failure; after ``attempts``
-    such losses, Aborted (ABORTED: try again), never "the database is unavailable"."""
+    such losses the last error, which the edge answers ABORTED / STORE_CONFLICT (try
+    again), never "the database is unavailable"."""
     for attempt in range(attempts):
         try:
             return work()
@@ -272,11 +277,7 @@ def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
             if not is_conflict(exc):
                 raise
             if attempt == attempts - 1:
-                raise Aborted(
-                    "the change lost a race with a concurrent one (a deadlock or serialization "
-                    "failure) several times; try again",
-                    reason="CONCURRENT_CHANGE",
-                ) from exc
+                raise  # the edge answers it ABORTED / STORE_CONFLICT (errors.store_problem)
             log.info("a transaction lost a race (%s); retrying", first_line(exc))
             time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
     raise AssertionError("unreachable")

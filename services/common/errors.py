@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "blixard.dev"
 
+# What an error may carry back. A status travels in the response's trailers, and a client
+# refuses trailers past its header limit (8 KiB by default): the caller would then read
+# RESOURCE_EXHAUSTED "Stream removed" and none of the problems. So every text is cut short
+# (an id echoed back may be 65 k characters), lists are cut to their first entries, and
+# ``to_status`` keeps the whole status within a budget well below the limit.
+MAX_MESSAGE_BYTES = 512
+MAX_DETAIL_TEXT_BYTES = 200
+MAX_LISTED = 20
+MAX_STATUS_BYTES = 3072
+
 
 class BlixardError(Exception):
     """The root of every domain error. Subclasses give the code and a default message."""
@@ -41,7 +51,7 @@ class BlixardError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        self.message = message or self.default_message
+        self.message = brief(message or self.default_message, MAX_MESSAGE_BYTES)
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
         super().__init__(self.message)
@@ -126,10 +136,30 @@ class FailedPrecondition(BlixardError):
         return [*super().details(), failure]
 
 
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 class Aborted(BlixardError):
+    """A concurrent change won, and nothing of this call was written: asking again is safe.
+    With ``retry_after``, the status says when (RetryInfo)."""
+
     code = grpc.StatusCode.ABORTED
     default_reason = "CONFLICT"
     default_message = "a concurrent change won; try again"
+
+    def __init__(
+        self, message: str | None = None, *, retry_after: float | None = None, **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+    def details(self) -> list[Message]:
+        if self.retry_after is None:
+            return super().details()
+        return [*super().details(), _retry_info(self.retry_after)]
 
 
 class _Retryable(BlixardError):
@@ -138,9 +168,7 @@ class _Retryable(BlixardError):
         self.retry_after = retry_after
 
     def details(self) -> list[Message]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(self.retry_after * 1e9))
-        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+        return [*super().details(), _retry_info(self.retry_after)]
 
 
 class ResourceExhausted(_Retryable):
@@ -167,14 +195,60 @@ class PermissionDenied(BlixardError):
     default_message = "this token's role may not call this method"
 
 
+def brief(text: str, limit: int = MAX_DETAIL_TEXT_BYTES) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (never inside a character), with
+    "…" where it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _shrink(message: Message, listed: int = MAX_LISTED) -> None:
+    """Every text of a detail message cut short, every list and map cut to its first
+    ``listed`` entries (in place)."""
+    for fd, value in message.ListFields():
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            entries = sorted(value.items())[:listed]
+            value.clear()
+            for key, item in entries:
+                value[brief(key)] = brief(item) if isinstance(item, str) else item
+        elif fd.is_repeated:
+            del value[listed:]
+            for i, item in enumerate(value):
+                if isinstance(item, Message):
+                    _shrink(item, listed)
+                elif isinstance(item, str):
+                    value[i] = brief(item)
+        elif isinstance(value, Message):
+            _shrink(value, listed)
+        elif isinstance(value, str):
+            setattr(message, fd.name, brief(value))
+
+
 def to_status(error: BlixardError) -> grpc.Status:
+    """The status for ``error``, small enough to reach any client (see MAX_STATUS_BYTES):
+    the message and every text of the details cut short, lists cut to their first
+    entries (to fewer if that is still too large; at worst only the reason is left)."""
+    message = brief(error.message, MAX_MESSAGE_BYTES)
+    for listed in (MAX_LISTED, 5, 1):
+        details = error.details()
+        for detail in details:
+            _shrink(detail, listed)
+        status = _status(error.code, message, details)
+        if status.ByteSize() <= MAX_STATUS_BYTES:
+            return rpc_status.to_status(status)
+    bare = error_details_pb2.ErrorInfo(reason=brief(error.reason), domain=DOMAIN)
+    return rpc_status.to_status(_status(error.code, message, [bare]))
+
+
+def _status(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> status_pb2.Status:
     packed = []
-    for detail in error.details():
+    for detail in details:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
 
 
 INTERNAL_STATUS = to_status(BlixardError())
@@ -205,12 +279,26 @@ STORE_FULL = Unavailable(
 )
 
 
-def store_problem(exc: BaseException) -> Unavailable | None:
-    """What a store failure that is not a bug says to callers: the database's disk is full,
-    or the database is down (a lost or refused connection); None for anything else."""
+STORE_CONFLICT = Aborted(
+    "the database undid this call (a deadlock or a serialization failure with a concurrent "
+    "call); nothing was written; try again",
+    reason="STORE_CONFLICT",
+    retry_after=0.1,
+)
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back.
+CONFLICT_STATES = frozenset({"40P01", "40001"})
+
+
+def store_problem(exc: BaseException) -> Unavailable | Aborted | None:
+    """What a store failure that is not a bug says to callers: a deadlock or serialization
+    failure (ABORTED: nothing was written, ask again), the database's disk is full, or the
+    database is down (a lost or refused connection); None for anything else."""
     if not isinstance(exc, sa_exc.DBAPIError):
         return None
     cause = exc.orig
+    if getattr(cause, "sqlstate", None) in CONFLICT_STATES:
+        return STORE_CONFLICT
     code = getattr(cause, "sqlite_errorcode", None)
     if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or (
         getattr(cause, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
@@ -240,6 +328,9 @@ class LoopFailures:
         problem = store_problem(exc)
         if problem is None:
             log.error("%s failed; retrying", self.name, exc_info=exc)
+            return
+        if isinstance(problem, Aborted):  # one round undone by a deadlock: not an outage
+            log.warning("%s: %s: %s", self.name, problem.message, first_line(exc))
             return
         if self._outage != problem.reason:
             self._outage = problem.reason
@@ -283,6 +374,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def _caller_gone(context: grpc.ServicerContext) -> bool:
+    """The client cancelled or went away: nobody is left to answer (reading its request
+    stream then raises a bare RpcError, which is no error of the handler's)."""
+    return hasattr(context, "is_active") and not context.is_active()
+
+
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -290,6 +387,9 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
         except Exception as exc:
             if _already_aborted(context):
                 raise
+            if _caller_gone(context):
+                log.debug("the caller went away: %s", first_line(exc))
+                return None
             abort(context, exc)
 
     return wrapped
@@ -304,6 +404,9 @@ def _wrap_stream(
         except Exception as exc:
             if _already_aborted(context):
                 raise
+            if _caller_gone(context):
+                log.debug("the caller went away: %s", first_line(exc))
+                return
             abort(context, exc)
 
     return wrapped

@@ -20,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common import reflection, telemetry
 from services.common.auth import AuthInterceptor, Policy
 from services.common.config import DEFAULT_GRPC_THREADS, Tokens
-from services.common.errors import ErrorInterceptor, ResourceExhausted
+from services.common.errors import ErrorInterceptor, InvalidArgument, ResourceExhausted, first_line
 from services.common.startup import StartupError
+from services.common.validation import check_request, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def create_server(
         *telemetry.server_interceptors(),
         AuthInterceptor(tokens, policy),
         ErrorInterceptor(),
+        RequestInterceptor(),
         *extra_interceptors,
     ]
     server = grpc.server(
@@ -137,9 +139,9 @@ def create_server(
         options=SERVER_OPTIONS,
     )
     register(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
+    health_servicer = Health(["", *names])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable([*names, health.SERVICE_NAME], server)
     check_bindable(address, setting)
     try:
@@ -152,6 +154,77 @@ def create_server(
     for name in ["", *names]:
         running.set_serving(name, True)
     return running
+
+
+class Health(health.HealthServicer):
+    """grpc's health servicer, with ``List`` too: grpc.health.v1 has it, and the servicer
+    of grpcio-health-checking leaves it to the generated base, which answers UNIMPLEMENTED
+    and logs a traceback for every caller."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._names = list(names)
+
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: self.Check(health_pb2.HealthCheckRequest(service=name), context)
+                for name in self._names
+            }
+        )
+
+
+class RequestInterceptor(grpc.ServerInterceptor):
+    """Parses each request itself, inside the chain: gRPC then hands the handler the bytes
+    as they came. So a body that is not a valid message of its type is refused after the
+    auth check (no token: UNAUTHENTICATED, whatever the body), as INVALID_ARGUMENT with no
+    traceback; and every parsed request passes the edge rule (``check_request``: no NUL,
+    no integer past a column's range, bounded lists) before any handler reads it."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _parser(handler_call_details.method, handler.request_deserializer)
+        if handler.unary_unary or handler.unary_stream:
+            kind = "unary_unary" if handler.unary_unary else "unary_stream"
+            behaviour = getattr(handler, kind)
+
+            def unary(raw: bytes, context: grpc.ServicerContext) -> Any:
+                request = parse(raw)
+                with request_bytes(raw):
+                    return behaviour(request, context)
+
+            return handler._replace(request_deserializer=None, **{kind: unary})
+        kind = "stream_unary" if handler.stream_unary else "stream_stream"
+        behaviour = getattr(handler, kind)
+
+        def streaming(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            return behaviour((parse(raw) for raw in raws), context)
+
+        return handler._replace(request_deserializer=None, **{kind: streaming})
+
+
+def _parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            request = deserialize(raw)
+        except Exception as exc:  # DecodeError, or a message nested past the parser's limit
+            log.info("%s: refused a request that does not parse: %s", method, first_line(exc))
+            raise InvalidArgument(
+                "the request is not a valid protobuf message of its type",
+                violations=[("request", "does not parse as the method's request message")],
+            ) from None
+        check_request(request, raw)
+        return request
+
+    return parse
 
 
 def check_bindable(address: str, setting: str) -> None:

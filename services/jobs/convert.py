@@ -41,7 +41,10 @@ def is_state(value: int) -> bool:
 
 def job_filter(request: pb.ListJobsRequest) -> JobFilter:
     return JobFilter(
-        states=tuple(state_from_pb(v, f"states[{i}]") for i, v in enumerate(request.states)),
+        # Each state once: a filter repeated costs one SQL parameter per repeat.
+        states=tuple(
+            dict.fromkeys(state_from_pb(v, f"states[{i}]") for i, v in enumerate(request.states))
+        ),
         labels=tuple(sorted(request.labels.items())),
         worker_type=request.worker_type,
         created_after=pbtime.from_timestamp(request.created_after)

@@ -22,7 +22,7 @@ from services.common.jobspec import (
 )
 from services.common.output import sent_bytes
 from services.common.server import MAX_MESSAGE_BYTES, WaitSlots
-from services.common.validation import BatchCheck, Problems, check_each
+from services.common.validation import BatchCheck, Problems, check_each, check_item
 from services.jobs import convert
 from services.jobs.domain import Job, Submission
 from services.jobs.manager import JobManager
@@ -57,6 +57,7 @@ MAX_OUTPUT_OFFSET = 2**62
 
 MAX_STATUS_BATCH = 500
 MAX_TAIL_BYTES = 64 * 1024  # the queue keeps no more of an attempt's output
+MAX_WORKER_ID = 256  # the width of jobs.worker_id
 
 
 def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> None:
@@ -68,6 +69,9 @@ def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> Non
         len(sent_bytes(request.output_tail_bytes, request.output_tail)) <= MAX_TAIL_BYTES,
         "output_tail_bytes" if request.output_tail_bytes else "output_tail",
         f"at most {MAX_TAIL_BYTES} bytes",
+    )
+    problems.check(
+        len(request.worker_id) <= MAX_WORKER_ID, "worker_id", f"at most {MAX_WORKER_ID} characters"
     )
     if request.HasField("event_time"):
         check_timestamp(request.event_time, "event_time", problems)
@@ -195,6 +199,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         refused: dict[int, InvalidArgument] = {}
         for i, one in enumerate(request.requests):
             problems = Problems()
+            check_item(one, problems, f"requests[{i}].")  # the edge rule, item by item
             _check_submit(one, f"requests[{i}].", problems)
             error = problems.error()
             if error is not None:

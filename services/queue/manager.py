@@ -155,10 +155,7 @@ class QueueManager:
                     raise
                 # A deadlock or serialization failure: a lost race, run again.
                 if attempt == attempts - 1:
-                    raise Aborted(
-                        "the change lost a race with a concurrent one; try again",
-                        reason="CONCURRENT_CHANGE",
-                    ) from exc
+                    raise  # the edge answers it ABORTED / STORE_CONFLICT
                 log.info("a queue transaction lost a race (%s); retrying", first_line(exc))
                 continue
             except BaseException:

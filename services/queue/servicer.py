@@ -219,16 +219,17 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
     def BatchComplete(
         self, request: pb.BatchCompleteRequest, context: grpc.ServicerContext
     ) -> pb.BatchCompleteResponse:
-        problems = Problems()
-        problems.check(
-            0 < len(request.requests) <= MAX_BATCH, "requests", f"between 1 and {MAX_BATCH}"
+        # Each completion is checked on its own (the edge rule, then its shape): a bad one
+        # gets its own INVALID_ARGUMENT result and the others are applied.
+        def check(one: pb.CompleteRequest, problems: Problems) -> None:
+            _completion(one, "", problems)
+
+        batch = check_each(request.requests, check, at_most=MAX_BATCH)
+        completions = [c for c in (_completion(one, "", Problems()) for one in batch.valid) if c]
+        done = self.manager.complete_many(completions) if completions else []
+        return pb.BatchCompleteResponse(
+            results=[convert.batch_result(r) for r in batch.merge(done)]
         )
-        completions = [
-            _completion(one, f"requests[{i}].", problems) for i, one in enumerate(request.requests)
-        ]
-        problems.raise_if_any()
-        results = self.manager.complete_many([c for c in completions if c is not None])
-        return pb.BatchCompleteResponse(results=[convert.batch_result(r) for r in results])
 
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
@@ -300,7 +301,8 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             state = convert.item_state(value)
             if problems.check(state is not None, f"states[{i}]", f"{value} is not an item state"):
                 assert state is not None
-                states.append(state)
+                if state not in states:  # each once: one SQL parameter per state
+                    states.append(state)
         if request.worker_type:
             check_worker_type(request.worker_type, "worker_type", problems)
         problems.raise_if_any()

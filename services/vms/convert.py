@@ -57,7 +57,7 @@ def vm_to_pb(vm: Vm) -> pb.Vm:
 
 
 def kinds_from_pb(states: Iterable[int]) -> list[Kind]:
-    return [_KINDS[int(state)] for state in states if int(state) in _KINDS]
+    return list(dict.fromkeys(_KINDS[int(state)] for state in states if int(state) in _KINDS))
 
 
 def info_to_pb(info: ManagerInfo) -> pb.GetManagerInfoResponse:

@@ -42,6 +42,7 @@ from services.worker import bootstrap as worker_bootstrap
 from services.worker import config as worker_config
 from services.worker.runner import Worker
 from tests.conftest import free_port
+from tests.postgres import Cluster
 
 RPC_TIMEOUT = 5.0
 STOP_GRACE = 0.5
@@ -154,6 +155,8 @@ class Stack:
 
     tmp: Path
     shared: dict[str, str] = field(default_factory=dict)
+    # Settings that win over the defaults below (a PostgreSQL URL per service, say).
+    overrides: dict[str, str] = field(default_factory=dict)
     queue: Running | None = None
     jobs: Running | None = None
     vms: Running | None = None
@@ -181,10 +184,16 @@ class Stack:
     ) -> Stack:
         """``*_extra``: settings over the defaults (a PostgreSQL ``*_DATABASE_URL``)."""
         jobs_port = free_port()
-        queue = queue_config.load({**self.shared, **queue_env(self.tmp, jobs_port, queue_extra)})
+        queue = queue_config.load(
+            {**self.shared, **queue_env(self.tmp, jobs_port, queue_extra), **self.overrides}
+        )
         self.queue = start(queue_bootstrap.build(queue))
         jobs = jobs_config.load(
-            {**self.shared, **jobs_env(self.tmp, jobs_port, self.queue.port, jobs_extra)}
+            {
+                **self.shared,
+                **jobs_env(self.tmp, jobs_port, self.queue.port, jobs_extra),
+                **self.overrides,
+            }
         )
         self.jobs = start(jobs_bootstrap.build(jobs))
         return self
@@ -196,7 +205,8 @@ class Stack:
         return self
 
     def start_vms(self, extra: dict[str, str] | None = None) -> Stack:
-        self.vms = start(vms_bootstrap.build(vms_config.load({**self.shared, **vms_env(extra)})))
+        settings = {**self.shared, **vms_env(extra), **self.overrides}
+        self.vms = start(vms_bootstrap.build(vms_config.load(settings)))
         return self
 
     def start_worker(self, worker_id: str = "grpc-test-worker") -> Stack:
@@ -256,8 +266,10 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     """Function-scoped stacks, stopped at the end of the test."""
     stacks: list[Stack] = []
 
-    def make(shared: dict[str, str] | None = None) -> Stack:
-        stack = Stack(tmp_path_factory.mktemp("stack"), dict(shared or {}))
+    def make(
+        shared: dict[str, str] | None = None, overrides: dict[str, str] | None = None
+    ) -> Stack:
+        stack = Stack(tmp_path_factory.mktemp("stack"), dict(shared or {}), dict(overrides or {}))
         stacks.append(stack)
         return stack
 
@@ -275,6 +287,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
     finally:
         running.stop()
+
+
+def postgres_overrides(cluster: Cluster) -> dict[str, str]:
+    """A fresh PostgreSQL database for each service of a stack."""
+    return {
+        "JOBS_DATABASE_URL": cluster.new_database(),
+        "QUEUE_DATABASE_URL": cluster.new_database(),
+        "VMS_DATABASE_URL": cluster.new_database(),
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The settings that put a stack on SQLite (the default: none) or on PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return postgres_overrides(request.getfixturevalue("postgres_cluster"))
 
 
 # ---- helpers for tests -----------------------------------------------------------------

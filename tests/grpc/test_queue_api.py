@@ -181,15 +181,24 @@ def test_batch_complete_gives_each_completion_its_own_result(
     redriven = stub.Redrive(qpb.RedriveRequest(job_id=leases[2].item.job_id), timeout=10)
     assert redriven.item.state == qpb.ITEM_STATE_WAITING
 
-    with pytest.raises(grpc.RpcError) as error:
-        stub.BatchComplete(
-            qpb.BatchCompleteRequest(
-                requests=[qpb.CompleteRequest(outcome=ok), qpb.CompleteRequest(lease_token="x")]
-            ),
-            timeout=10,
-        )
-    fields = {f for f, _ in describe(error.value).field_violations}
-    assert fields == {"requests[0].lease_token", "requests[1].outcome"}
+    # A completion of the wrong shape (or with a NUL) is refused alone; the others apply.
+    reply = stub.BatchComplete(
+        qpb.BatchCompleteRequest(
+            requests=[
+                qpb.CompleteRequest(outcome=ok),
+                qpb.CompleteRequest(lease_token="x"),
+                qpb.CompleteRequest(lease_token="x\x00", outcome=ok),
+                qpb.CompleteRequest(lease_token=leases[1].lease_token, outcome=ok),
+            ]
+        ),
+        timeout=10,
+    )
+    no_token, no_outcome, nul, applied = reply.results
+    assert no_token.error.code == no_outcome.error.code == nul.error.code == 3
+    assert "lease_token: required" in no_token.error.message
+    assert "outcome" in no_outcome.error.message
+    assert "lease_token: must not contain NUL" in nul.error.message
+    assert applied.item.state == qpb.ITEM_STATE_SUCCEEDED
 
 
 def test_a_worker_gone_during_its_long_poll_is_handed_nothing(

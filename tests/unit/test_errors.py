@@ -417,3 +417,32 @@ def test_describe_of_a_plain_status() -> None:
     assert failure.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert failure.message == "Deadline Exceeded"
     assert failure.reason == ""
+
+
+# ---- every status fits in a client's header limit ---------------------------------------
+
+
+def _trailer_bytes(status: grpc.Status) -> int:
+    return len(status.details.encode()) * 3 + sum(
+        len(v) * 4 // 3 for _k, v in status.trailing_metadata
+    )
+
+
+def test_a_status_echoing_huge_values_stays_small_and_keeps_its_problems() -> None:
+    huge = "\u00e9" * 65_000  # two bytes each; worse still once percent-encoded
+    errors: list[BlixardError] = [
+        NotFound("job", huge),
+        InvalidArgument(huge, violations=[(huge, huge)] * 1_000),
+        FailedPrecondition(huge, subject=huge, metadata={huge: huge}),
+        Unavailable(huge, metadata={f"k{i}": huge for i in range(1_000)}),
+    ]
+    for error in errors:
+        status = to_status(error)
+        assert _trailer_bytes(status) < 6 * 1024, type(error).__name__
+        rich, details = decode(status)
+        assert info_of(details).reason == error.reason
+        assert rich.message == status.details and len(rich.message.encode()) <= 512
+    _, details = decode(to_status(errors[1]))
+    violations = details["BadRequest"].field_violations  # type: ignore[attr-defined]
+    # 20 listed when they are short (tests/grpc); these are so long that 5 fit.
+    assert len(violations) == 5 and all(len(v.field.encode()) <= 200 for v in violations)

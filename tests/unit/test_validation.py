@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from blixard.common.v1 import job_spec_pb2
+from blixard.jobs.v1 import jobs_service_pb2 as jpb
+from blixard.queue.v1 import queue_service_pb2 as qpb
 
 from services.common.errors import InvalidArgument
-from services.common.validation import FieldViolation, Problems, combine
+from services.common.validation import (
+    FieldViolation,
+    Problems,
+    check_each,
+    check_fields,
+    combine,
+)
 
 
 def test_combine_of_nothing_is_no_error() -> None:
@@ -87,3 +96,104 @@ def test_check_each_refuses_each_bad_request_alone_and_merge_keeps_the_order() -
         check_each([1, 2, 3, 4], positive, at_most=3)
     with pytest.raises(InvalidArgument, match="requests: between 1 and 3"):
         check_each([], positive, at_most=3)
+
+
+# ---- the edge rule -------------------------------------------------------------------------
+
+
+def _violations(message) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    problems = Problems()
+    check_fields(message, problems)
+    return [(v.field, v.description) for v in problems]
+
+
+def test_the_edge_rule_names_every_nul_and_every_integer_past_a_column() -> None:
+    request = jpb.SubmitJobRequest(
+        request_id="r\x00",
+        spec=job_spec_pb2.JobSpec(
+            command=["echo", "a\x00"],
+            env={"A": "\x00"},
+            max_attempts=2**31,
+            requirements=job_spec_pb2.JobRequirements(labels={"k\x00": "v"}),
+        ),
+    )
+    nul = "must not contain NUL (\\0) characters"
+    assert sorted(_violations(request)) == sorted(
+        [
+            ("request_id", nul),
+            ("spec.command[1]", nul),
+            ("spec.env[A]", nul),
+            ("spec.max_attempts", f"at most {2**31 - 1}"),
+            ("spec.requirements.labels[k\\0]", f"the key {nul}"),
+        ]
+    )
+
+
+def test_the_edge_rule_lets_a_jobs_output_and_error_through() -> None:
+    done = qpb.CompleteRequest(lease_token="t", output_tail="a\x00", error="\x00b")
+    assert _violations(done) == []
+    assert _violations(qpb.CompleteRequest(lease_token="t\x00")) == [
+        ("lease_token", "must not contain NUL (\\0) characters")
+    ]
+
+
+def test_the_edge_rule_leaves_a_batchs_items_to_the_batch_and_bounds_lists() -> None:
+    batch = jpb.BatchUpdateJobStatusRequest(
+        requests=[jpb.UpdateJobStatusRequest(job_id="\x00", sequence=2**63)]
+    )
+    assert _violations(batch) == []
+    assert _violations(jpb.ListJobsRequest(states=[1] * 65)) == [("states", "at most 64 entries")]
+    big = jpb.BatchUpdateJobStatusRequest(requests=[jpb.UpdateJobStatusRequest()] * 1025)
+    assert _violations(big) == [("requests", "at most 1024 entries")]
+
+
+def test_check_each_applies_the_edge_rule_to_each_item() -> None:
+    bad = jpb.UpdateJobStatusRequest(job_id="j", sequence=2**63)
+    good = jpb.UpdateJobStatusRequest(job_id="j", sequence=1)
+    batch = check_each([bad, good], lambda _r, _p: None, at_most=10)
+    assert batch.valid == [good]
+    assert batch.refused[0].violations == [("sequence", f"at most {2**63 - 1}")]
+
+
+def test_a_million_problems_keep_the_first_and_count_the_rest() -> None:
+    problems = Problems()
+    for i in range(1_000_000):
+        problems.add(f"states[{i}]", "not a state")
+    error = problems.error()
+    assert error is not None
+    assert len(error.violations) == 20
+    assert error.metadata == {"problems": "1000000"}
+    assert error.message.startswith("the request has 1000000 problems: states[0]: not a state")
+    assert len(error.message.encode()) <= 512
+
+
+def test_the_fast_rule_for_bytes_without_nul_finds_every_bound_the_walk_finds() -> None:
+    """check_request reads only integers and lengths when the bytes hold no NUL; on such
+    requests it finds what the full walk finds."""
+    from services.common.errors import InvalidArgument as Refused
+    from services.common.validation import check_request
+
+    requests = [
+        jpb.SubmitJobRequest(
+            spec=job_spec_pb2.JobSpec(
+                command=["x"] * 1025,
+                max_attempts=2**31,
+                requirements=job_spec_pb2.JobRequirements(vcpus=2**32 - 1),
+            )
+        ),
+        jpb.AppendJobOutputRequest(attempt=2**31, total_bytes=2**64 - 1),
+        jpb.ListJobsRequest(states=[1] * 65, labels={f"k{i}": "v" for i in range(1025)}),
+        qpb.BatchCompleteRequest(requests=[qpb.CompleteRequest(lease_token="t")] * 1025),
+        jpb.BatchUpdateJobStatusRequest(requests=[jpb.UpdateJobStatusRequest(sequence=2**63)]),
+        jpb.GetJobRequest(job_id="fine"),
+    ]
+    for request in requests:
+        raw = request.SerializeToString()
+        assert b"\x00" not in raw
+        walked = _violations(request)
+        try:
+            check_request(request, raw)
+            fast: list[tuple[str, str]] = []
+        except Refused as error:
+            fast = error.violations
+        assert sorted(fast) == sorted(walked), type(request).__name__
