@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 
 from services.common.db import ColumnLimits, refused_item, retry_conflicts
-from services.common.errors import Aborted, InvalidArgument
+from services.common.errors import STORE_CONFLICT, InvalidArgument, store_problem
 
 TABLE = Table(
     "t",
@@ -54,11 +55,18 @@ def test_a_deadlock_is_retried_then_aborted_never_unavailable() -> None:
 
     assert retry_conflicts(deadlocked_once) == "done" and len(calls) == 2
 
+    lost = []
+
     def always() -> None:
+        lost.append(1)
         raise OperationalError("UPDATE", {}, _Cause("40001"))
 
-    with pytest.raises(Aborted):
+    with pytest.raises(OperationalError) as raised:
         retry_conflicts(always, attempts=3)
+    assert len(lost) == 3
+    # What the edge answers for it: ABORTED (retry), never "the database is unavailable".
+    problem = store_problem(raised.value)
+    assert problem is STORE_CONFLICT and problem.code == grpc.StatusCode.ABORTED
 
 
 def test_only_the_datas_refusals_fail_one_item() -> None:
