@@ -4,12 +4,13 @@ conversion of a parked message to its contract (blixard.common.v1.ParkedMessage)
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+import grpc
 from blixard.common.v1 import outbox_pb2
 
 from services.common import paging, pbtime
-from services.common.outbox import ParkedMessage
+from services.common.outbox import ParkedMessage, ParkedMessages
 from services.common.validation import Problems
 
 DEFAULT_PAGE_SIZE = 50
@@ -61,3 +62,37 @@ def message(parked: ParkedMessage) -> outbox_pb2.ParkedMessage:
         create_time=pbtime.timestamp(parked.created_at),
         park_time=pbtime.timestamp(parked.parked_at),
     )
+
+
+class ParkedRpcs:
+    """The three RPCs themselves, for a servicer to mix in (before its generated base):
+    it names its contract module (``parked_contract``, where its request and response
+    messages are) and its outbox's parked messages (``parked_messages``)."""
+
+    parked_contract: Any
+    parked_messages: ParkedMessages
+
+    def ListParkedMessages(self, request: Any, context: grpc.ServicerContext) -> Any:
+        problems = Problems()
+        page_size, after = check_page(request, problems)
+        problems.raise_if_any()
+        found, last, total = self.parked_messages.page(page_size, after)
+        return self.parked_contract.ListParkedMessagesResponse(
+            messages=[message(p) for p in found],
+            next_page_token=page_token(last),
+            total_parked=total,
+        )
+
+    def RedriveParkedMessage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        problems = Problems()
+        check_id(request.id, problems)
+        problems.raise_if_any()
+        redriven = self.parked_messages.redrive(request.id)
+        return self.parked_contract.RedriveParkedMessageResponse(message=message(redriven))
+
+    def DeleteParkedMessage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        problems = Problems()
+        check_id(request.id, problems)
+        problems.raise_if_any()
+        deleted = self.parked_messages.delete(request.id)
+        return self.parked_contract.DeleteParkedMessageResponse(message=message(deleted))

@@ -158,9 +158,14 @@ def _page_token(position: tuple[datetime, str] | None) -> str:
     return paging.encode(created_at.isoformat(), job_id)
 
 
-class JobServicer(pb_grpc.JobServiceServicer):
+class JobServicer(parked.ParkedRpcs, pb_grpc.JobServiceServicer):
+    """ListParkedMessages, RedriveParkedMessage and DeleteParkedMessage: parked.ParkedRpcs."""
+
+    parked_contract = pb
+
     def __init__(self, manager: JobManager, waits: WaitSlots) -> None:
         self.manager = manager
+        self.parked_messages = manager.parked
         # Each open watch or follow stream holds a server thread: they may hold only so
         # many, so submits, status reports and output appends always find one.
         self._waits = waits
@@ -408,36 +413,3 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 return
             feed.wait(seen, WATCH_POLL_SECONDS)
             job = self.manager.get(request.job_id)
-
-    # ---- the outbox's parked messages (admin) ------------------------------------------
-
-    def ListParkedMessages(
-        self, request: pb.ListParkedMessagesRequest, context: grpc.ServicerContext
-    ) -> pb.ListParkedMessagesResponse:
-        problems = Problems()
-        page_size, after = parked.check_page(request, problems)
-        problems.raise_if_any()
-        found, last, total = self.manager.parked.page(page_size, after)
-        return pb.ListParkedMessagesResponse(
-            messages=[parked.message(p) for p in found],
-            next_page_token=parked.page_token(last),
-            total_parked=total,
-        )
-
-    def RedriveParkedMessage(
-        self, request: pb.RedriveParkedMessageRequest, context: grpc.ServicerContext
-    ) -> pb.RedriveParkedMessageResponse:
-        problems = Problems()
-        parked.check_id(request.id, problems)
-        problems.raise_if_any()
-        message = self.manager.parked.redrive(request.id)
-        return pb.RedriveParkedMessageResponse(message=parked.message(message))
-
-    def DeleteParkedMessage(
-        self, request: pb.DeleteParkedMessageRequest, context: grpc.ServicerContext
-    ) -> pb.DeleteParkedMessageResponse:
-        problems = Problems()
-        parked.check_id(request.id, problems)
-        problems.raise_if_any()
-        message = self.manager.parked.delete(request.id)
-        return pb.DeleteParkedMessageResponse(message=parked.message(message))

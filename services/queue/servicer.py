@@ -114,9 +114,14 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
     )
 
 
-class QueueServicer(pb_grpc.QueueServiceServicer):
+class QueueServicer(parked.ParkedRpcs, pb_grpc.QueueServiceServicer):
+    """ListParkedMessages, RedriveParkedMessage and DeleteParkedMessage: parked.ParkedRpcs."""
+
+    parked_contract = pb
+
     def __init__(self, manager: QueueManager, waits: WaitSlots) -> None:
         self.manager = manager
+        self.parked_messages = manager.parked
         self._waits = waits
         self._tracer = telemetry.tracer(__name__)
 
@@ -345,36 +350,3 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         problems.raise_if_any()
         worker = self.manager.drain_worker(request.worker_id)
         return pb.DrainWorkerResponse(worker=convert.worker_message(worker))
-
-    # ---- the outbox's parked messages (admin) ------------------------------------------
-
-    def ListParkedMessages(
-        self, request: pb.ListParkedMessagesRequest, context: grpc.ServicerContext
-    ) -> pb.ListParkedMessagesResponse:
-        problems = Problems()
-        page_size, after = parked.check_page(request, problems)
-        problems.raise_if_any()
-        found, last, total = self.manager.parked.page(page_size, after)
-        return pb.ListParkedMessagesResponse(
-            messages=[parked.message(p) for p in found],
-            next_page_token=parked.page_token(last),
-            total_parked=total,
-        )
-
-    def RedriveParkedMessage(
-        self, request: pb.RedriveParkedMessageRequest, context: grpc.ServicerContext
-    ) -> pb.RedriveParkedMessageResponse:
-        problems = Problems()
-        parked.check_id(request.id, problems)
-        problems.raise_if_any()
-        message = self.manager.parked.redrive(request.id)
-        return pb.RedriveParkedMessageResponse(message=parked.message(message))
-
-    def DeleteParkedMessage(
-        self, request: pb.DeleteParkedMessageRequest, context: grpc.ServicerContext
-    ) -> pb.DeleteParkedMessageResponse:
-        problems = Problems()
-        parked.check_id(request.id, problems)
-        problems.raise_if_any()
-        message = self.manager.parked.delete(request.id)
-        return pb.DeleteParkedMessageResponse(message=parked.message(message))
