@@ -359,10 +359,16 @@ def _store_output(
     ``start_empty=False``: an empty chunk with nothing stored yet stores nothing (a
     reader sees no output either way)."""
     head = tx.output_head(job.job_id, generation)
-    if head is None and not data and not start_empty:
+    if head is None and (data or not start_empty) and len(data) <= OUTPUT_CHUNK_BYTES:
+        # The first output of the generation (most jobs have no other): in one go, or
+        # nothing at all for an empty chunk that need not start an output.
+        end = offset + len(data)
+        if data:
+            head = OutputHead(attempt, execution_id, end)
+            tx.put_output(job.job_id, generation, head, OutputChunk(offset, data))
         if total_bytes is not None and generation == job.generation:
             job.output_bytes = total_bytes
-        return offset
+        return end
     if domain.starts_new_output(job.job_id, head, attempt, execution_id):
         fresh = OutputHead(attempt, execution_id, 0)
         tx.start_output(job.job_id, generation, fresh, existed=head is not None)
