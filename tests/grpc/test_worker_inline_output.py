@@ -12,9 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
+from blixard.common.v1 import job_spec_pb2
 from blixard.jobs.v1 import jobs_service_pb2 as jpb
+from blixard.queue.v1 import queue_service_pb2 as qpb
 
 from services.cli import main as blixctl
+from services.common.errors import describe
 from services.worker import bootstrap as worker_bootstrap
 from services.worker import config as worker_config
 from tests.grpc.conftest import RPC_TIMEOUT, Stack, eventually, spec, wait_for_state
@@ -167,3 +170,36 @@ def test_a_longer_job_still_streams_its_output_while_it_runs(
     done = wait_for_state(stack.jobs_stub(), job_id, TERMINAL)
     assert (done.state, done.output_bytes) == (jpb.JOB_STATE_SUCCEEDED, 13)
     assert output_of(stack, job_id) == b"first\nsecond\n"
+
+
+def test_a_total_below_the_tails_length_is_refused_by_both_services(
+    running: tuple[Stack, CallCounter, list[Any]],
+) -> None:
+    stack, _, _ = running
+    complete = qpb.CompleteRequest(
+        lease_token="t",
+        outcome=job_spec_pb2.OUTCOME_SUCCEEDED,
+        output_tail_bytes=b"abc",
+        total_output_bytes=2,
+        execution_id="e" * 65,
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.queue_stub().Complete(complete, timeout=RPC_TIMEOUT)
+    failure = describe(caught.value)
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {f for f, _ in failure.field_violations} == {"total_output_bytes", "execution_id"}
+
+    update = jpb.UpdateJobStatusRequest(
+        job_id=submit(stack, "true"),
+        generation=1,
+        sequence=1,
+        state=jpb.JOB_STATE_SUCCEEDED,
+        output_tail_bytes=b"abc",
+        total_output_bytes=2,
+        execution_id="e" * 65,
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.jobs_stub().UpdateJobStatus(update, timeout=RPC_TIMEOUT)
+    failure = describe(caught.value)
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {f for f, _ in failure.field_violations} == {"total_output_bytes", "execution_id"}
