@@ -140,4 +140,8 @@ def status_update(request: pb.UpdateJobStatusRequest, fallback_time: object) -> 
         error=request.error,
         reason=request.reason,
         actor=request.actor,
+        output_bytes=(
+            request.total_output_bytes if request.HasField("total_output_bytes") else None
+        ),
+        execution_id=request.execution_id,
     )

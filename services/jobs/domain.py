@@ -135,6 +135,10 @@ class StatusUpdate:
     error: str = ""
     reason: str = ""
     actor: str = ""  # who caused it; empty from a queue that does not say
+    # Set when the worker sent the attempt's output with its completion: every byte the
+    # attempt wrote (the tail is then stored as its output), and the execution's id.
+    output_bytes: int | None = None
+    execution_id: str = ""
 
 
 def _move(job: Job, target: JobState, now: datetime) -> None:

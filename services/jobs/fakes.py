@@ -150,6 +150,12 @@ class FakeTransaction:
         self.state.output_heads[(job_id, generation)] = head
         self.state.output[(job_id, generation)] = []
 
+    def put_output(
+        self, job_id: str, generation: int, head: OutputHead, chunk: OutputChunk
+    ) -> None:
+        self.state.output_heads[(job_id, generation)] = head
+        self.state.output[(job_id, generation)] = [chunk]
+
     def add_output(
         self, job_id: str, generation: int, chunk: OutputChunk, merge_up_to: int
     ) -> None:

@@ -37,7 +37,7 @@ from services.jobs.domain import (
     StatusUpdate,
     Submission,
 )
-from services.jobs.store import DuplicateRequest, JobStore
+from services.jobs.store import DuplicateRequest, JobStore, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -312,19 +312,23 @@ class JobManager:
         outage). If the database refuses a write that the checks did not foresee, the
         batch is run again with a savepoint per update, so that one fails alone."""
         try:
-            results = retry_conflicts(lambda: self._update_status(updates, isolate=False))
+            results, wrote = retry_conflicts(lambda: self._update_status(updates, isolate=False))
         except DBAPIError as exc:
             if refused_item(exc) is None:
                 raise
-            results = retry_conflicts(lambda: self._update_status(updates, isolate=True))
+            results, wrote = retry_conflicts(lambda: self._update_status(updates, isolate=True))
         if any(result is True for result in results):
             self._changed()
+        elif wrote:
+            self.output_feed.changed()
         return results
 
     def _update_status(
         self, updates: list[StatusUpdate], *, isolate: bool
-    ) -> list[bool | BlixardError]:
+    ) -> tuple[list[bool | BlixardError], bool]:
+        """The results, and whether output that came with a completion was stored."""
         results: list[bool | BlixardError] = [False] * len(updates)
+        wrote = False
         order = sorted(range(len(updates)), key=lambda i: (updates[i].job_id, updates[i].sequence))
         with self.store.transaction() as tx:
             jobs = tx.lock_many([update.job_id for update in updates])
@@ -342,6 +346,7 @@ class JobManager:
                     tx.check(job, event)
                     if isolate:
                         with tx.savepoint():
+                            wrote |= self._inline_output(tx, job, before, update)
                             if job != before:
                                 tx.save(job)
                             if event is not None:
@@ -354,6 +359,8 @@ class JobManager:
                     jobs[update.job_id] = before  # as if this update never came
                     results[i] = refused
                     continue
+                if not isolate:
+                    wrote |= self._inline_output(tx, job, before, update)
                 if job != before:
                     changed.add(job.job_id)
                 if event is not None:
@@ -362,7 +369,7 @@ class JobManager:
             if not isolate:
                 tx.save_many([jobs[job_id] for job_id in sorted(changed)])
                 tx.record_many(events)
-        return results
+        return results, wrote
 
     def events(self, job_id: str) -> list[JobEvent]:
         self.get(job_id)
@@ -399,24 +406,42 @@ class JobManager:
                     reason="UNKNOWN_GENERATION",
                     metadata={"generation": str(job.generation)},
                 )
-            head = tx.output_head(job_id, generation)
-            if domain.starts_new_output(job_id, head, attempt, execution_id):
-                fresh = OutputHead(attempt, execution_id, 0)
-                tx.start_output(job_id, generation, fresh, existed=head is not None)
-                head = fresh
-            assert head is not None
-            end = offset + len(data)
-            if end > head.next_offset:
-                start = max(offset, head.next_offset)
-                chunk = OutputChunk(start, data[start - offset :])
-                tx.add_output(job_id, generation, chunk, OUTPUT_CHUNK_BYTES)
-                tx.drop_output_before(job_id, generation, end - OUTPUT_KEEP_BYTES)
-                head = OutputHead(attempt, execution_id, end)
+            next_offset = _store_output(
+                tx, job, generation, attempt, offset, data, total_bytes, execution_id
+            )
             if total_bytes is not None and generation == job.generation:
-                job.output_bytes = total_bytes
                 tx.save(job)
         self.output_feed.changed()
-        return head.next_offset
+        return next_offset
+
+    def _inline_output(self, tx: Transaction, job: Job, before: Job, update: StatusUpdate) -> bool:
+        """Store the output a completion carried (its tail, and the total the attempt
+        wrote) as the execution's last output call would have; whether it was taken. Only
+        from a report new to this generation; an attempt whose output was replaced by a
+        later one's stores nothing (as its late AppendJobOutput would be refused)."""
+        if (
+            update.output_bytes is None
+            or update.attempt < 1
+            or update.generation != before.generation
+            or update.sequence <= before.last_sequence
+        ):
+            return False
+        tail = update.output_tail
+        try:
+            _store_output(
+                tx,
+                job,
+                update.generation,
+                update.attempt,
+                update.output_bytes - len(tail),
+                tail,
+                update.output_bytes,
+                update.execution_id,
+                start_empty=False,  # a job that wrote nothing costs no output rows
+            )
+        except FailedPrecondition:
+            return False
+        return True
 
     def read_output(self, job_id: str, generation: int, attempt: int, after: int) -> OutputRead:
         """The stored output past offset ``after`` of ``attempt``; when a later attempt has
@@ -425,3 +450,48 @@ class JobManager:
         if read is not None and read.attempt != attempt and after > 0:
             read = self.store.read_output(job_id, generation, 0)
         return read or OutputRead(generation, attempt)
+
+
+def _store_output(
+    tx: Transaction,
+    job: Job,
+    generation: int,
+    attempt: int,
+    offset: int,
+    data: bytes,
+    total_bytes: int | None,
+    execution_id: str,
+    *,
+    start_empty: bool = True,
+) -> int:
+    """Store a chunk of an attempt's output in ``tx`` (see JobManager.append_output); the
+    offset after the last byte stored. ``total_bytes`` becomes the locked ``job``'s
+    output_bytes when the chunk is of its generation (the caller saves the job).
+    ``start_empty=False``: an empty chunk with nothing stored yet stores nothing (a
+    reader sees no output either way)."""
+    head = tx.output_head(job.job_id, generation)
+    if head is None and (data or not start_empty) and len(data) <= OUTPUT_CHUNK_BYTES:
+        # The first output of the generation (most jobs have no other): in one go, or
+        # nothing at all for an empty chunk that need not start an output.
+        end = offset + len(data)
+        if data:
+            head = OutputHead(attempt, execution_id, end)
+            tx.put_output(job.job_id, generation, head, OutputChunk(offset, data))
+        if total_bytes is not None and generation == job.generation:
+            job.output_bytes = total_bytes
+        return end
+    if domain.starts_new_output(job.job_id, head, attempt, execution_id):
+        fresh = OutputHead(attempt, execution_id, 0)
+        tx.start_output(job.job_id, generation, fresh, existed=head is not None)
+        head = fresh
+    assert head is not None
+    end = offset + len(data)
+    if end > head.next_offset:
+        start = max(offset, head.next_offset)
+        chunk = OutputChunk(start, data[start - offset :])
+        tx.add_output(job.job_id, generation, chunk, OUTPUT_CHUNK_BYTES)
+        tx.drop_output_before(job.job_id, generation, end - OUTPUT_KEEP_BYTES)
+        head = OutputHead(attempt, execution_id, end)
+    if total_bytes is not None and generation == job.generation:
+        job.output_bytes = total_bytes
+    return head.next_offset

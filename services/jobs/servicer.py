@@ -65,14 +65,22 @@ def _check_update(request: pb.UpdateJobStatusRequest, problems: Problems) -> Non
     problems.check(request.generation >= 1, "generation", "at least 1")
     problems.check(request.sequence >= 1, "sequence", "at least 1")
     problems.check(convert.is_state(request.state), "state", "required: a job state")
+    tail = sent_bytes(request.output_tail_bytes, request.output_tail)
     problems.check(
-        len(sent_bytes(request.output_tail_bytes, request.output_tail)) <= MAX_TAIL_BYTES,
+        len(tail) <= MAX_TAIL_BYTES,
         "output_tail_bytes" if request.output_tail_bytes else "output_tail",
         f"at most {MAX_TAIL_BYTES} bytes",
     )
     problems.check(
         len(request.worker_id) <= MAX_WORKER_ID, "worker_id", f"at most {MAX_WORKER_ID} characters"
     )
+    if request.HasField("total_output_bytes"):
+        problems.check(
+            len(tail) <= request.total_output_bytes <= MAX_OUTPUT_OFFSET,
+            "total_output_bytes",
+            f"at least the tail's length, at most {MAX_OUTPUT_OFFSET}",
+        )
+    problems.check(len(request.execution_id) <= 64, "execution_id", "at most 64 characters")
     if request.HasField("event_time"):
         check_timestamp(request.event_time, "event_time", problems)
 

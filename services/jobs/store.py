@@ -236,6 +236,33 @@ class Transaction:
         except IntegrityError:
             raise Aborted("another call started this output at the same time") from None
 
+    def put_output(
+        self, job_id: str, generation: int, head: OutputHead, chunk: OutputChunk
+    ) -> None:
+        """A generation's first output in one go: its head (past ``chunk``) and its one
+        chunk (two INSERTs where start_output and add_output take six statements)."""
+        try:
+            self.session.execute(
+                insert(JobOutputRow).values(
+                    job_id=job_id,
+                    generation=generation,
+                    attempt=head.attempt,
+                    execution_id=head.execution_id,
+                    next_offset=head.next_offset,
+                )
+            )
+        except IntegrityError:
+            raise Aborted("another call started this output at the same time") from None
+        self.session.execute(
+            insert(JobOutputChunkRow).values(
+                job_id=job_id,
+                generation=generation,
+                start_offset=chunk.start,
+                end_offset=chunk.end,
+                data=chunk.data,
+            )
+        )
+
     def add_output(
         self, job_id: str, generation: int, chunk: OutputChunk, merge_up_to: int
     ) -> None:

@@ -138,6 +138,9 @@ def update_request(payload: dict[str, Any]) -> jpb.UpdateJobStatusRequest:
     )
     if payload.get("exit_code") is not None:
         request.exit_code = payload["exit_code"]
+    if payload.get("output_bytes") is not None:
+        request.total_output_bytes = payload["output_bytes"]
+        request.execution_id = payload.get("execution_id", "")
     return request
 
 

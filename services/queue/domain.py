@@ -151,6 +151,9 @@ class Report:
     error: str = ""
     reason: str = ""
     actor: str = ""  # "worker:<id>", "queue" or "operator"
+    # Set when the worker sent the attempt's output with its completion (see Completion).
+    output_bytes: int | None = None
+    execution_id: str = ""
 
 
 def _report(item: Item, job_state: str, now: datetime, reason: str = "", actor: str = "") -> Report:

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -80,6 +80,10 @@ class Completion:
     exit_code: int | None = None
     output_tail: bytes = b""  # as the job wrote it
     error: str = ""
+    # Every byte the attempt wrote, when the worker sends its output with the completion
+    # (the jobs service then stores the tail as the attempt's output): passed on, not kept.
+    output_bytes: int | None = None
+    execution_id: str = ""
 
 
 class QueueManager:
@@ -705,9 +709,20 @@ class QueueManager:
         return item
 
     def complete(
-        self, token: str, outcome: Outcome, exit_code: int | None, output_tail: bytes, error: str
+        self,
+        token: str,
+        outcome: Outcome,
+        exit_code: int | None,
+        output_tail: bytes,
+        error: str,
+        *,
+        output_bytes: int | None = None,
+        execution_id: str = "",
     ) -> Item:
-        result = self.complete_many([Completion(token, outcome, exit_code, output_tail, error)])[0]
+        completion = Completion(
+            token, outcome, exit_code, output_tail, error, output_bytes, execution_id
+        )
+        result = self.complete_many([completion])[0]
         if isinstance(result, BlixardError):
             raise result
         return result
@@ -746,6 +761,10 @@ class QueueManager:
                     report = domain.complete(
                         item, c.outcome, c.exit_code, c.output_tail, c.error, now, self.policy
                     )
+                    if c.output_bytes is not None:
+                        report = replace(
+                            report, output_bytes=c.output_bytes, execution_id=c.execution_id
+                        )
                     check_transition(item)
                     if isolate:
                         with tx.savepoint():

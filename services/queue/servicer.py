@@ -44,6 +44,7 @@ MIN_LEASE_SECONDS = 1.0
 MAX_LEASE_SECONDS = 3600.0
 MAX_WAIT_SECONDS = 60.0
 MAX_TAIL_BYTES = 64 * 1024
+MAX_OUTPUT_BYTES = 2**62  # the jobs service keeps output offsets below this
 MAX_BATCH = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -103,6 +104,16 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
         f"at most {MAX_TAIL_BYTES} bytes",
     )
     ok &= problems.check(len(request.error) <= 4096, f"{prefix}error", "at most 4096 characters")
+    total = request.total_output_bytes if request.HasField("total_output_bytes") else None
+    if total is not None:
+        ok &= problems.check(
+            len(tail) <= total <= MAX_OUTPUT_BYTES,
+            f"{prefix}total_output_bytes",
+            f"at least the tail's length, below {MAX_OUTPUT_BYTES}",
+        )
+    ok &= problems.check(
+        len(request.execution_id) <= 64, f"{prefix}execution_id", "at most 64 characters"
+    )
     if not ok or outcome is None:
         return None
     return Completion(
@@ -111,6 +122,8 @@ def _completion(request: pb.CompleteRequest, prefix: str, problems: Problems) ->
         request.exit_code if request.HasField("exit_code") else None,
         tail,
         request.error,
+        total,
+        request.execution_id,
     )
 
 
@@ -218,6 +231,8 @@ class QueueServicer(parked.ParkedRpcs, pb_grpc.QueueServiceServicer):
             completion.exit_code,
             completion.output_tail,
             completion.error,
+            output_bytes=completion.output_bytes,
+            execution_id=completion.execution_id,
         )
         return pb.CompleteResponse(item=convert.item_message(item))
 

@@ -597,6 +597,8 @@ def _payload(report: Report) -> dict[str, object]:
     payload = {name: getattr(report, name) for name in _REPORT_FIELDS}  # flat: no deep copy
     payload["at"] = report.at.isoformat()
     del payload["output_tail"]
+    if report.output_bytes is None:  # absent, as in reports written before it
+        del payload["output_bytes"], payload["execution_id"]
     if report.output_tail:
         payload["output_tail_base64"] = base64.b64encode(report.output_tail).decode("ascii")
     return payload

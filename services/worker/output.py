@@ -7,6 +7,11 @@ stores nothing twice). When the jobs service is slow or down, the buffer keeps t
 ``buffer_bytes`` and drops older unsent bytes, counting them: the stored output then has
 a gap, never a worker whose memory grows. A refusal (the job is unknown, the attempt was
 replaced, the role is not allowed) stops sending for this execution.
+
+With ``inline_up_to`` set, an execution that ends before the first send, having written at
+most that many bytes, sends nothing at all: its caller sends the output with the completion
+instead (the tail and the total: the jobs service stores them as this execution's output).
+Most jobs are that short, and so cost the jobs service no output call.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class OutputSender:
         *,
         interval: float = SEND_INTERVAL,
         buffer_bytes: int = BUFFER_BYTES,
+        inline_up_to: int | None = None,
     ) -> None:
         self._port = port
         self.job_id = job_id
@@ -48,6 +54,8 @@ class OutputSender:
         self.execution_id = execution_id
         self.interval = interval
         self.buffer_bytes = buffer_bytes
+        self.inline_up_to = inline_up_to
+        self.inline = False  # True once close() left the output to the completion
         self.written = 0  # every byte the execution wrote
         self.dropped = 0  # bytes never sent (buffer overflow, refusal)
         self._pending = bytearray()
@@ -56,6 +64,7 @@ class OutputSender:
         self._sending = threading.Lock()  # one sender at a time: the thread, then close()
         self._closed = threading.Event()
         self._failures = 0
+        self._tried = False  # a send was tried (from then on this execution streams)
         self._resume_at = 0.0
         self._refused = False
         self._truncated = False
@@ -92,10 +101,20 @@ class OutputSender:
             )
 
     def close(self) -> None:
-        """Stop the thread, then send what is left and the total (one try, bounded)."""
+        """Stop the thread, then send what is left and the total (one try, bounded); or,
+        for an execution that never sent and wrote at most ``inline_up_to`` bytes, nothing
+        (``inline`` is then True: the output goes with the completion)."""
         self._closed.set()
         if self._thread.is_alive():
             self._thread.join()
+        with self._lock:
+            self.inline = (
+                self.inline_up_to is not None
+                and not self._tried
+                and self.written <= self.inline_up_to
+            )
+        if self.inline:
+            return
         self._send(final=True)
         if self.dropped:
             log.info(
@@ -139,6 +158,7 @@ class OutputSender:
                     return
 
     def _deliver(self, start: int, piece: bytes, total: int | None) -> bool:
+        self._tried = True
         try:
             self._port.append_output(
                 self.job_id,

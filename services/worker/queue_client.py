@@ -122,17 +122,29 @@ class QueueClient:
         return response.cancel_requested
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
+        self,
+        token: str,
+        outcome: str,
+        exit_code: int | None,
+        output_tail: bytes,
+        error: str,
+        total_output_bytes: int | None = None,
+        execution_id: str = "",
     ) -> None:
+        """``total_output_bytes``: every byte the execution wrote; with it, the jobs service
+        stores the tail as the execution's output (``execution_id``: its output calls' id)."""
         request = qpb.CompleteRequest(
             lease_token=token,
             outcome=OUTCOMES[outcome],
             output_tail_bytes=output_tail,
             output_tail=text_view(output_tail),  # for a queue that predates the bytes
             error=error,
+            execution_id=execution_id,
         )
         if exit_code is not None:
             request.exit_code = exit_code
+        if total_output_bytes is not None:
+            request.total_output_bytes = total_output_bytes
         call(self._stub.Complete, request, CALL_TIMEOUT)
 
     def release(self, token: str, reason: str) -> None:

@@ -24,7 +24,7 @@ from services.common.errors import describe
 from services.common.outbox import Transient
 from services.common.pbtime import seconds
 from services.common.startup import StartupError
-from services.worker.adapters import Adapter, Execution, Result, StartFailed, Task
+from services.worker.adapters import TAIL_BYTES, Adapter, Execution, Result, StartFailed, Task
 from services.worker.config import WorkerConfig
 from services.worker.jobs_client import OutputPort
 from services.worker.output import OutputSender
@@ -307,7 +307,10 @@ class Worker:
     def _output_sender(self, item: ClaimedItem, key: str) -> OutputSender | None:
         if self.output is None:
             return None
-        return OutputSender(self.output, item.job_id, item.generation, item.attempt, key).start()
+        # A job that ends before its output's first send sends it with its completion.
+        return OutputSender(
+            self.output, item.job_id, item.generation, item.attempt, key, inline_up_to=TAIL_BYTES
+        ).start()
 
     def _watch(self, item: ClaimedItem, execution: Execution, timeout: float) -> str:
         """Heartbeat until the execution ends; why the worker stopped it, or ''."""
@@ -358,7 +361,7 @@ class Worker:
         elif outcome is Outcome.LOST:
             log.warning("job %s: the lease was lost; the result is not reported", item.job_id)
         else:
-            self._finish(item, outcome.value, result)
+            self._finish(item, key, outcome.value, result)
 
     def _heartbeat(self, item: ClaimedItem) -> str:
         try:
@@ -372,7 +375,7 @@ class Worker:
             log.warning("job %s: heartbeat failed (%s)", item.job_id, _why(exc))
             return ""
 
-    def _finish(self, item: ClaimedItem, outcome: str, result: Result) -> None:
+    def _finish(self, item: ClaimedItem, key: str, outcome: str, result: Result) -> None:
         error = result.error or ("" if result.exit_code == 0 else f"exited with {result.exit_code}")
         log.info(
             "job %s attempt %d: %s (exit %s)", item.job_id, item.attempt, outcome, result.exit_code
@@ -380,7 +383,13 @@ class Worker:
         self._report(
             item,
             lambda: self.queue.complete(
-                item.token, outcome, result.exit_code, result.output_tail, error
+                item.token,
+                outcome,
+                result.exit_code,
+                result.output_tail,
+                error,
+                result.total_bytes,
+                key,
             ),
         )
 

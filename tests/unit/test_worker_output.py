@@ -169,3 +169,32 @@ def test_sends_at_most_every_interval(interval: float) -> None:
     out.close()
     # About one call per interval over one second (and the final one), not one per write.
     assert 2 <= len(jobs.calls) <= 1.0 / interval + 3
+
+
+def test_an_execution_that_ends_before_the_first_send_leaves_its_output_to_the_completion() -> None:
+    jobs = FakeJobs()
+    out = OutputSender(jobs, "job-1", 1, 1, "e", interval=5, inline_up_to=100).start()  # type: ignore[arg-type]
+    out.write(b"hi\n")
+    out.close()
+    assert jobs.calls == []
+    assert (out.inline, out.written) == (True, 3)
+
+
+def test_more_than_the_completion_carries_is_sent_even_when_the_job_was_short() -> None:
+    jobs = FakeJobs()
+    out = OutputSender(jobs, "job-1", 1, 1, "e", interval=5, inline_up_to=100).start()  # type: ignore[arg-type]
+    out.write(b"x" * 101)
+    out.close()
+    assert out.inline is False
+    assert (bytes(jobs.stored), jobs.total) == (b"x" * 101, 101)
+
+
+def test_once_an_execution_has_streamed_its_end_is_sent_too() -> None:
+    jobs = FakeJobs()
+    out = sender(jobs, inline_up_to=100).start()
+    out.write(b"first\n")
+    assert eventually(lambda: bytes(jobs.stored) == b"first\n")
+    out.write(b"last\n")
+    out.close()
+    assert out.inline is False
+    assert (bytes(jobs.stored), jobs.total) == (b"first\nlast\n", 11)

@@ -52,7 +52,14 @@ class FakeQueue:
             return token in self.cancelled
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
+        self,
+        token: str,
+        outcome: str,
+        exit_code: int | None,
+        output_tail: bytes,
+        error: str,
+        total_output_bytes: int | None = None,
+        execution_id: str = "",
     ) -> None:
         with self.lock:
             self.completed.append((token, outcome, exit_code))
@@ -255,7 +262,14 @@ class DownQueue(FakeQueue):
     down_for: int = 0
 
     def complete(
-        self, token: str, outcome: str, exit_code: int | None, output_tail: bytes, error: str
+        self,
+        token: str,
+        outcome: str,
+        exit_code: int | None,
+        output_tail: bytes,
+        error: str,
+        total_output_bytes: int | None = None,
+        execution_id: str = "",
     ) -> None:
         with self.lock:
             if self.down_for > 0:
