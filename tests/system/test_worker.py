@@ -276,7 +276,9 @@ def test_output_is_followed_live_while_the_job_runs(
     start_worker("chatty-worker")
     # The first line waits a second: the followers below must be following before it is
     # written (a job now starts within milliseconds of its submit).
-    script = "sleep 1; for i in 1 2 3; do echo line $i; sleep 1; done; exit 3"
+    # Lines 1.5 s apart: 3 s from the first to the last, twice what the checks below ask,
+    # so a follower's half-second send interval under load cannot make it look batched.
+    script = "sleep 1; for i in 1 2 3; do echo line $i; sleep 1.5; done; exit 3"
     job_id = submit(jobs, script, max_attempts=1)
     arrivals: list[tuple[float, bytes]] = []
 
