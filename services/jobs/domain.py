@@ -238,15 +238,19 @@ def apply_update(job: Job, update: StatusUpdate) -> JobEvent | None:
 
 def _in_the_jobs_count(job: Job, update: StatusUpdate) -> StatusUpdate:
     """The queue says "attempt N" counting within the generation since its enqueue or
-    last redrive; the job's history and error say it in the job's own count."""
+    last redrive; the job's history and error say it in the job's own count. Only the
+    queue's own words are renumbered: its reasons, and the error of its own acts (a lease
+    that expired); a worker's error is the job's text, stored as it came."""
     if not job.attempts_base or not update.attempt:
         return update
     pattern = re.compile(rf"\battempt {update.attempt}\b")
     number = f"attempt {job.attempts_base + update.attempt}"
+    actor = update.actor or (f"worker:{update.worker_id}" if update.worker_id else "queue")
+    queue_words = not actor.startswith("worker:")
     return replace(
         update,
         reason=pattern.sub(number, update.reason),
-        error=pattern.sub(number, update.error),
+        error=pattern.sub(number, update.error) if queue_words else update.error,
     )
 
 

@@ -473,6 +473,26 @@ def test_after_a_retry_the_history_and_error_count_attempts_as_the_job_does() ->
     assert job.error == "the lease of attempt 2 expired"
 
 
+def test_after_a_retry_a_workers_error_is_stored_as_the_job_wrote_it() -> None:
+    """Only the queue's own words are renumbered: a job that prints "attempt 1" keeps it."""
+    job = make_job(JobState.QUEUED, generation=2, attempts=1, attempts_base=1)
+    failed = domain.apply_update(
+        job,
+        update(
+            job,
+            JobState.FAILED,
+            1,
+            attempt=1,
+            worker_id="w-1",
+            actor="worker:w-1",
+            error="exited with 1: attempt 1 of the upload failed",
+            reason="attempt 1 failed, none left; dead-lettered",
+        ),
+    )
+    assert failed is not None and failed.reason == "attempt 2 failed, none left; dead-lettered"
+    assert job.error == "exited with 1: attempt 1 of the upload failed"
+
+
 def test_a_report_that_names_no_actor_is_its_workers_or_the_queues() -> None:
     job = make_job(JobState.QUEUED)
     event = domain.apply_update(job, update(job, JobState.RUNNING, 1, attempt=1, worker_id="w-1"))
