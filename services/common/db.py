@@ -265,6 +265,12 @@ def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in CONFLICT_STATES
 
 
+def conflict_pause(attempt: int) -> None:
+    """A short random pause before running again a transaction that lost a race (its
+    ``attempt``-th loss), so the transactions it collided with do not collide again."""
+    time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
+
+
 def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
     """Run ``work`` (one whole transaction), again after a short random pause when the
     database rolled it back for a deadlock or a serialization failure; after ``attempts``
@@ -279,7 +285,7 @@ def retry_conflicts(work: Callable[[], T], attempts: int = 5) -> T:
             if attempt == attempts - 1:
                 raise  # the edge answers it ABORTED / STORE_CONFLICT (errors.store_problem)
             log.info("a transaction lost a race (%s); retrying", first_line(exc))
-            time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
+            conflict_pause(attempt)
     raise AssertionError("unreachable")
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from services.common.clock import Clock
 from services.common.combiner import Combiner
-from services.common.db import is_conflict, refused_item
+from services.common.db import conflict_pause, is_conflict, refused_item
 from services.common.errors import Aborted, BlixardError, LoopFailures, NotFound, first_line
 from services.common.outbox import ParkedMessages
 from services.queue import domain
@@ -161,6 +161,7 @@ class QueueManager:
                 if attempt == attempts - 1:
                     raise  # the edge answers it ABORTED / STORE_CONFLICT
                 log.info("a queue transaction lost a race (%s); retrying", first_line(exc))
+                conflict_pause(attempt)
                 continue
             except BaseException:
                 self.refresh([*job_ids, *written])
@@ -256,7 +257,19 @@ class QueueManager:
                 results.append((old, False))
                 continue
             if old is not None and old.state is ItemState.LEASED:
-                results.append(self._hold_next(tx, old, new, now))
+                try:
+                    check_item(self._item_of(new, now, 0))  # as it will be, once it runs
+                    with tx.savepoint() if isolate else nullcontext():
+                        results.append(self._hold_next(tx, old, new, now))
+                except BlixardError as exc:
+                    results.append(exc)
+                    continue
+                except DBAPIError as exc:
+                    refused = refused_item(exc)
+                    if not isolate or refused is None:
+                        raise
+                    results.append(refused)
+                    continue
                 applied.append(old)  # asked to stop: a new version
                 continue
             item = self._item_of(new, now, seq + offset)

@@ -329,3 +329,18 @@ def test_reaper_and_heartbeats_never_deadlock(postgres_cluster) -> None:  # type
     assert not surfaced, surfaced[:3]
     assert not errors, errors[:3]
     assert deadlocks(a, b) == 0  # none at all, not even one retried
+
+
+def test_a_bad_next_generation_held_behind_a_lease_fails_alone(manager: QueueManager) -> None:
+    """A new generation of a leased item waits for that lease; one its columns cannot hold
+    is refused then, not later when it would replace the item (and not with the batch)."""
+    manager.enqueue_many([new("a"), new("b")])
+    manager.claim("w", "process", {}, 10, 30)  # both leased
+    too_long = tuple(f"type-{n}" for n in range(100))
+    results = manager.enqueue_many(
+        [replace(new("a"), generation=2, worker_types=too_long), replace(new("b"), generation=2)]
+    )  # type: ignore[arg-type]
+    assert isinstance(results[0], InvalidArgument) and "worker_types" in results[0].message
+    assert isinstance(results[1], tuple) and results[1][1] is True  # held behind b's lease
+    assert manager.get("a").cancel_requested is False  # a's worker is not asked to stop
+    assert manager.get("b").cancel_requested is True
