@@ -6,6 +6,9 @@ with the request's other problems (one INVALID_ARGUMENT), and hands the position
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
+
+from google.protobuf.message import Message
 
 from services.common.validation import Problems
 
@@ -36,3 +39,18 @@ def not_ours(problems: Problems) -> None:
     """Tell ``problems`` that the page token is not one this service gave out (for a
     caller whose own reading of the parts fails)."""
     problems.add(FIELD, "not a token this service gave out")
+
+
+# What the rows of one page may take: a page of large rows (output tails, payloads) ends
+# early, well under the 4 MiB a message may carry, and the next page goes on from there.
+PAGE_BYTES = 3 * 1024 * 1024
+
+
+def fitting(rows: Sequence[Message], budget: int = PAGE_BYTES) -> int:
+    """How many of ``rows`` (at least one) a page sends within ``budget`` bytes."""
+    total = 0
+    for n, row in enumerate(rows):
+        total += row.ByteSize() + 8  # and the field's tag and length
+        if n and total > budget:
+            return n
+    return len(rows)

@@ -277,9 +277,11 @@ class JobServicer(parked.ParkedRpcs, pb_grpc.JobServiceServicer):
         jobs, last = self.manager.list_jobs(
             request.page_size or DEFAULT_PAGE_SIZE, after, convert.job_filter(request)
         )
-        return pb.ListJobsResponse(
-            jobs=[convert.job_message(j) for j in jobs], next_page_token=_page_token(last)
-        )
+        messages = [convert.job_message(j) for j in jobs]
+        fit = paging.fitting(messages)
+        if fit < len(messages):  # large jobs: the page ends early, the next starts there
+            last = (jobs[fit - 1].created_at, jobs[fit - 1].job_id)
+        return pb.ListJobsResponse(jobs=messages[:fit], next_page_token=_page_token(last))
 
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext

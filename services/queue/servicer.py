@@ -329,9 +329,12 @@ class QueueServicer(parked.ParkedRpcs, pb_grpc.QueueServiceServicer):
         items, last = self.manager.list_items(
             request.page_size or DEFAULT_PAGE_SIZE, after, states, request.worker_type
         )
+        messages = [convert.item_message(item) for item in items]
+        fit = paging.fitting(messages)
+        if fit < len(messages):  # large items: the page ends early, the next starts there
+            last = items[fit - 1].job_id
         return pb.ListItemsResponse(
-            items=[convert.item_message(item) for item in items],
-            next_page_token=paging.encode(last) if last else "",
+            items=messages[:fit], next_page_token=paging.encode(last) if last else ""
         )
 
     def RegisterWorker(

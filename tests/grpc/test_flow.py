@@ -169,6 +169,46 @@ def test_list_jobs_pages_without_duplicates(make_stack) -> None:  # type: ignore
     assert listed == submitted
 
 
+def test_a_page_of_large_jobs_ends_early_and_the_next_goes_on(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """Twenty jobs of 256 KiB payloads are 5 MiB, more than one message may carry: the
+    page ends before it is too big to send, and every job is listed once, in order."""
+    alone = make_stack().start_pair()
+    jobs, queue = alone.jobs_stub(), alone.queue_stub()
+    payload = bytes(range(256)) * 1024  # 256 KiB, the most a spec may carry
+    submitted = [
+        jobs.SubmitJob(
+            jpb.SubmitJobRequest(spec=spec("true", payload=payload)), timeout=RPC_TIMEOUT
+        ).job.job_id
+        for _ in range(20)
+    ]
+    listed: list[str] = []
+    token, pages = "", 0
+    while True:
+        response = jobs.ListJobs(jpb.ListJobsRequest(page_token=token), timeout=RPC_TIMEOUT)
+        listed.extend(j.job_id for j in response.jobs)
+        pages += 1
+        token = response.next_page_token
+        if not token:
+            break
+    assert listed == submitted and pages >= 2
+    # The queue's items carry the same specs: its list pages likewise.
+    items = eventually(
+        lambda: found if len(found := _all_items(queue)) == 20 else None, 20, "20 items"
+    )
+    assert sorted(items) == sorted(submitted)
+
+
+def _all_items(queue) -> list[str]:  # type: ignore[no-untyped-def]
+    found: list[str] = []
+    token = ""
+    while True:
+        response = queue.ListItems(qpb.ListItemsRequest(page_token=token), timeout=RPC_TIMEOUT)
+        found.extend(item.job_id for item in response.items)
+        token = response.next_page_token
+        if not token:
+            return found
+
+
 def test_cancel_of_a_running_job_stops_it_on_the_worker(suite: Stack) -> None:
     job = _submit(suite, spec("sh", "-c", "echo started; sleep 30"))
     jobs = suite.jobs_stub()
