@@ -44,7 +44,6 @@ from hypothesis import strategies as st
 
 from services.common import pbtime
 from services.common.errors import describe
-from services.common.validation import DATA_FIELDS
 from tests.grpc.conftest import (
     ADMIN_TOKEN,
     CLIENT_TOKEN,
@@ -648,26 +647,16 @@ def test_no_hostile_field_makes_a_service_fail(
     fuzzed: Fuzzed, rpc: Rpc, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    failures, awaiting = [], []
-    for field, label, body in mutants(rpc):
+    failures = []
+    for _, label, body in mutants(rpc):
         error = _call(fuzzed, rpc, body, "admin")
         if error is None:
             continue
         code = error.code()
         if code in NEVER or (code not in BY_GRPC and rpc_status.from_call(error) is None):  # type: ignore[arg-type]
-            said = f"{label}: {code.name} {error.details()[:100]}"
-            (awaiting if _awaits_lossless_output(field, label) else failures).append(said)
+            failures.append(f"{label}: {code.name} {error.details()[:100]}")
     assert failures == []
-    if awaiting:
-        pytest.xfail(f"a job's output and error are not yet stored losslessly: {awaiting}")
     assert _tracebacks(caplog) == []
-
-
-def _awaits_lossless_output(field: str, label: str) -> bool:
-    """A NUL in a job's output or error (DATA_FIELDS, let through by the edge) that
-    PostgreSQL's text columns refuse: another change of issue 14 (part 1) stores them as
-    bytes. Until it lands these cases are expected to fail, and only these."""
-    return field in DATA_FIELDS and label.endswith("=nul")
 
 
 def test_every_service_served_is_fuzzed(fuzzed: Fuzzed) -> None:
