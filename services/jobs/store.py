@@ -253,6 +253,9 @@ class Transaction:
             )
         except IntegrityError:
             raise Aborted("another call started this output at the same time") from None
+        self._insert_chunk(job_id, generation, chunk)
+
+    def _insert_chunk(self, job_id: str, generation: int, chunk: OutputChunk) -> None:
         self.session.execute(
             insert(JobOutputChunkRow).values(
                 job_id=job_id,
@@ -286,15 +289,7 @@ class Transaction:
                 .values(data=last.data + chunk.data, end_offset=chunk.end)
             )
         else:
-            self.session.execute(
-                insert(JobOutputChunkRow).values(
-                    job_id=job_id,
-                    generation=generation,
-                    start_offset=chunk.start,
-                    end_offset=chunk.end,
-                    data=chunk.data,
-                )
-            )
+            self._insert_chunk(job_id, generation, chunk)
         self.session.execute(
             update(JobOutputRow)
             .where(JobOutputRow.job_id == job_id, JobOutputRow.generation == generation)
