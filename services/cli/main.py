@@ -402,23 +402,20 @@ class Cli:
         return EXIT_OK
 
     def redrive_parked(self, args: argparse.Namespace) -> int:
-        stub, messages = self._parked_api(args.service)
-        request = messages.RedriveParkedMessageRequest(id=args.id)
-        message = stub.RedriveParkedMessage(request, timeout=CALL_TIMEOUT).message
-        if self.as_json:
-            self.emit(message)
-        else:
-            print(f"message {message.id} ({message.topic} {message.key}) goes out again")
-        return EXIT_OK
+        return self._on_parked(args, "RedriveParkedMessage", "goes out again")
 
     def delete_parked(self, args: argparse.Namespace) -> int:
+        return self._on_parked(args, "DeleteParkedMessage", "deleted")
+
+    def _on_parked(self, args: argparse.Namespace, rpc: str, done: str) -> int:
+        """One parked message redriven or deleted (``rpc``), and what became of it."""
         stub, messages = self._parked_api(args.service)
-        request = messages.DeleteParkedMessageRequest(id=args.id)
-        message = stub.DeleteParkedMessage(request, timeout=CALL_TIMEOUT).message
+        request = getattr(messages, f"{rpc}Request")(id=args.id)
+        message = getattr(stub, rpc)(request, timeout=CALL_TIMEOUT).message
         if self.as_json:
             self.emit(message)
         else:
-            print(f"message {message.id} ({message.topic} {message.key}) deleted")
+            print(f"message {message.id} ({message.topic} {message.key}) {done}")
         return EXIT_OK
 
     def _follow(self, job_id: str, *, quiet: bool) -> int:
